@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
@@ -92,6 +93,180 @@ def inspect(
         emit_json(summary)
     else:
         click.echo(render_inspection(summary))
+
+
+def _progress(total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
+    """A tqdm bar on stderr for the search; returns (on_step, close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total, desc="LID search", unit="it", file=sys.stderr, leave=False, mininterval=0.5
+    )
+
+    def on_step(step: Any) -> None:
+        bar.update(1)
+        hard = ",".join(f"{h:.3f}" for h in step.hard)
+        soft = ",".join(f"{s:.3f}" for s in step.soft)
+        lam = ",".join(f"{v:.2f}" for v in step.lam)
+        bar.set_postfix_str(f"width={step.mean_width:.4g} soft={soft} hard={hard} λ={lam}")
+
+    return on_step, bar.close
+
+
+def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) -> bool:
+    from verifier.pipeline import run_lid
+    from verifier.spec import load_spec
+
+    spec = load_spec(spec_path)
+    on_step, close = _progress(spec.search.iterations)
+    try:
+        run = run_lid(
+            spec,
+            out_dir,
+            device=device,
+            on_step=on_step,
+            on_phase=lambda message: click.echo(message, err=True),
+            command=" ".join(["verifier", *sys.argv[1:]]),
+        )
+    finally:
+        close()
+    if as_json:
+        emit_json(run.document)
+    else:
+        click.echo(render_certificate(run.document))
+    return run.holds
+
+
+def render_certificate(doc: dict[str, Any]) -> str:
+    """A short human summary of a certificate document."""
+    lines = [f"verdict: {doc['verdict']}"]
+    lid = doc["lid"]
+    lines.append(
+        f"LID: box over {lid['n_parameters']} parameters, mean width {lid['mean_width']:.4g} "
+        f"({doc['search']['chosen']})"
+    )
+    for task in doc["tasks"]:
+        lines.append(
+            f"task {task['task']}: {task['metric']} clean {task['clean_metric']:.4f}, "
+            f"target {task['target']:.4f}; held-out certified {task['k']}/{task['n']}, "
+            f"{task['bound_kind']} lower bound {task['lower_bound']:.4f} at beta={task['beta']} "
+            f"-> {'holds' if task['holds'] else 'NOT MET'}"
+        )
+    lines.append(f"written: {lid['path']} and certificate.json beside it")
+    return "\n".join(lines)
+
+
+SPEC_ARG = click.argument("spec_path", type=click.Path(path_type=Path))
+OUT_OPT = click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder (lid.safetensors, certificate.json, history.jsonl).",
+)
+DEVICE_OPT = click.option("--device", default=None, help="cpu or cuda (default: the spec's).")
+JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print the certificate as JSON.")
+
+
+@cli.command()
+@SPEC_ARG
+@OUT_OPT
+@DEVICE_OPT
+@JSON_OPT
+@click.pass_context
+@input_errors_exit_2
+def lid(
+    ctx: click.Context, spec_path: Path, out_dir: Path, device: str | None, as_json: bool
+) -> None:
+    """Search a box LID for SPEC_PATH and certify it on held-out data."""
+    holds = _lid_job(spec_path, out_dir, device, as_json)
+    ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
+
+
+@cli.command()
+@SPEC_ARG
+@OUT_OPT
+@DEVICE_OPT
+@JSON_OPT
+@click.pass_context
+@input_errors_exit_2
+def run(
+    ctx: click.Context, spec_path: Path, out_dir: Path, device: str | None, as_json: bool
+) -> None:
+    """Run the whole pipeline for SPEC_PATH: LID search, held-out certificate, artifacts."""
+    holds = _lid_job(spec_path, out_dir, device, as_json)
+    ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
+
+
+@cli.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("lid_path", type=click.Path(path_type=Path))
+@click.argument("data_ref")
+@click.option("--split", default="test", show_default=True, help="Split of the data set.")
+@data_dir_option
+@click.option("--target", type=click.FloatRange(0.0, 1.0), default=None, help="τ to check.")
+@click.option(
+    "--beta",
+    type=click.FloatRange(0.0, 0.5, min_open=True, max_open=True),
+    default=1e-3,
+    show_default=True,
+    help="1 - confidence.",
+)
+@click.option(
+    "--bound",
+    "bound_kind",
+    type=click.Choice(["clopper-pearson", "hoeffding"]),
+    default="clopper-pearson",
+    show_default=True,
+)
+@click.option(
+    "--method",
+    type=click.Choice(["ibp", "midrad", "crown-ibp", "best"]),
+    default="ibp",
+    show_default=True,
+    help="Bound method of the proof.",
+)
+@JSON_OPT
+@click.pass_context
+@input_errors_exit_2
+def certify(
+    ctx: click.Context,
+    model_path: Path,
+    lid_path: Path,
+    data_ref: str,
+    split: str,
+    data_dir: Path | None,
+    target: float | None,
+    beta: float,
+    bound_kind: str,
+    method: str,
+    as_json: bool,
+) -> None:
+    """Certify the LID at LID_PATH for MODEL_PATH on DATA_REF (all of it counts as held out)."""
+    from verifier.pipeline import run_certify
+
+    doc = run_certify(
+        model_path,
+        lid_path,
+        data_ref,
+        split=split,
+        data_dir=data_dir,
+        target=target,
+        beta=beta,
+        bound_kind=bound_kind,
+        method=method,  # type: ignore[arg-type]
+    )
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(
+            f"certified {doc['k']}/{doc['n']}; {doc['bound_kind']} lower bound "
+            f"{doc['lower_bound']:.4f} at beta={doc['beta']}; verdict: {doc['verdict']}"
+        )
+        if not doc["lid_model_match"]:
+            click.echo("note: the LID was computed for a different model file", err=True)
+    ctx.exit(ExitCode.SPEC_NOT_MET if doc["holds"] is False else ExitCode.OK)
 
 
 def main() -> None:

@@ -22,6 +22,23 @@ Each patch restores one name that auto_LiRPA 0.3 uses and a newer library remove
    ``remove_duplicate=...``, which auto_LiRPA's override does not accept. We wrap the override
    so that both call shapes work. This one patches an auto_LiRPA class, so it is applied right
    after auto_LiRPA is imported (here), never on torch's own ``Module``.
+5. ``BoundLinear.bound_backward_with_weight``: when CROWN bounds a perturbed-weight layer as an
+   intermediate node, the identity spec (``eyeC``) is expanded with ``torch.eye`` in the
+   *default* dtype, so float64 models fail with "expected scalar type Double but found Float".
+   We expand it ourselves in the dtype of the layer's bounds first. (Not needed for IBP and
+   CROWN-IBP; float32 is unaffected.)
+6. ``BoundTanh.precompute_relaxation`` / ``bound_relax_impl`` (also used by ``BoundSigmoid``
+   and ``BoundAtan``): the tangent-point tables for S-shaped activations are computed when the
+   node is built, in the default dtype (float32), taking ~2.5 s per node. In a float64 model
+   they fail ("Index put requires the source and destination dtypes match") and, cast
+   naively, would give tangent lines that are only float32-valid. We defer the tables to the
+   first CROWN relaxation and compute them there with auto_LiRPA's own algorithm, in the
+   dtype of the bounds (~0.3 s; IBP never needs them).
+
+Importing auto_LiRPA also calls ``warnings.simplefilter("once")`` (in ``auto_LiRPA.utils`` and
+``auto_LiRPA.bound_general``) and emits torch's ``torch.jit.script`` deprecation warnings. We
+import it inside ``warnings.catch_warnings(record=True)``, which hides that noise and restores
+the caller's warning filters afterwards.
 
 auto_LiRPA also imports ``tqdm`` and ``appdirs``; both are runtime dependencies of ours.
 """
@@ -32,11 +49,13 @@ import functools
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from verifier.errors import BackendError
 
@@ -73,9 +92,19 @@ def apply_lirpa_compat() -> None:
     _alias_numpy_arraysetops()
     _add_set_opset_version()
     _add_node_getitem()
-    import auto_LiRPA.bound_general
+    # record=True keeps the import's warnings (torch.jit.script deprecations) off the caller's
+    # filters, and the context restores the filters auto_LiRPA resets to "once" on import.
+    with warnings.catch_warnings(record=True):
+        import auto_LiRPA.bound_general
+        import auto_LiRPA.operators.activation
+        import auto_LiRPA.operators.linear
+        import auto_LiRPA.utils
 
     _accept_remove_duplicate(auto_LiRPA.bound_general.BoundedModule)
+    _dense_identity_in_weight_backward(
+        auto_LiRPA.operators.linear.BoundLinear, auto_LiRPA.utils.eyeC
+    )
+    _tables_in_bound_dtype(auto_LiRPA.operators.activation.BoundTanh)
     _applied = True
 
 
@@ -138,3 +167,114 @@ def _accept_remove_duplicate(cls: type[torch.nn.Module]) -> None:
 
     _named_members._verifier_compat = True  # type: ignore[attr-defined]
     cls._named_members = _named_members  # type: ignore[method-assign]
+
+
+def _dense_identity_in_weight_backward(cls: type, eye_type: type) -> None:
+    """Patch 5: expand ``eyeC`` specs in the layer's dtype before the weight-perturbed backward."""
+    original = cls.__dict__["bound_backward_with_weight"]
+    if getattr(original, "_verifier_compat", False):
+        return
+
+    def dense(last_A: Any, like: Tensor) -> Any:
+        if not isinstance(last_A, eye_type):
+            return last_A
+        # The same tensor auto_LiRPA builds, (spec, batch, *shape), in like's dtype.
+        n = last_A.shape[0]
+        eye = torch.eye(n, dtype=like.dtype, device=like.device)
+        return eye.view(n, 1, *last_A.shape[2:]).expand(last_A.shape)
+
+    @functools.wraps(original)
+    def bound_backward_with_weight(
+        self: Any,
+        last_lA: Any,
+        last_uA: Any,
+        input_lb: Any,
+        input_ub: Any,
+        x: Any,
+        y: Any,
+    ) -> Any:
+        like = input_lb[0]
+        return original(
+            self, dense(last_lA, like), dense(last_uA, like), input_lb, input_ub, x, y
+        )
+
+    bound_backward_with_weight._verifier_compat = True  # type: ignore[attr-defined]
+    cls.bound_backward_with_weight = bound_backward_with_weight  # type: ignore[attr-defined]
+
+
+def _tables_in_bound_dtype(cls: type) -> None:
+    """Patch 6: build the S-shape tangent tables lazily, in the dtype of the bounds."""
+    original = cls.__dict__["bound_relax_impl"]
+    if getattr(original, "_verifier_compat", False):
+        return
+
+    def precompute_relaxation(
+        self: Any, name: str, func: Any, dfunc: Any, x_limit: float = 500
+    ) -> None:
+        # Same settings as auto_LiRPA's; the tables themselves wait for bound_relax_impl.
+        del name, func, dfunc
+        self.x_limit = x_limit
+        self.step_pre = 0.01
+        self.num_points_pre = int(self.x_limit / self.step_pre)
+        self.d_lower = self.d_upper = None
+
+    @functools.wraps(original)
+    def bound_relax_impl(self: Any, x: Any, func: Any, dfunc: Any) -> Any:
+        dtype = x.lower.dtype
+        if self.d_lower is None or self.d_lower.dtype != dtype:
+            self.d_lower, self.d_upper = _tangent_tables(
+                func, dfunc, self.x_limit, self.step_pre, dtype, x.lower.device
+            )
+        return original(self, x, func, dfunc)
+
+    bound_relax_impl._verifier_compat = True  # type: ignore[attr-defined]
+    cls.precompute_relaxation = precompute_relaxation  # type: ignore[attr-defined]
+    cls.bound_relax_impl = bound_relax_impl  # type: ignore[attr-defined]
+
+
+@torch.no_grad()
+def _tangent_tables(
+    func: Callable[[Tensor], Tensor],
+    dfunc: Callable[[Tensor], Tensor],
+    x_limit: float,
+    step: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """auto_LiRPA 0.3's ``BoundTanh.precompute_relaxation``, in an explicit dtype.
+
+    For grid points u = k*step >= 0, d_lower[k] <= 0 is (by bisection) the tangent point
+    closest to 0 whose tangent line stays below func at u; d_upper mirrors it for u <= 0.
+    """
+    n_points = int(x_limit / step) + 5
+    grid = step * torch.arange(0, n_points, dtype=dtype, device=device)
+
+    def below(upper: Tensor, d: Tensor) -> Tensor:
+        return dfunc(d) * (upper - d) + func(d) <= func(upper)
+
+    def above(lower: Tensor, d: Tensor) -> Tensor:
+        return dfunc(d) * (lower - d) + func(d) >= func(lower)
+
+    left, right = -torch.ones_like(grid), torch.zeros_like(grid)
+    while True:
+        ok = below(grid, left)
+        left = torch.where(ok, left, 2 * left)
+        if bool(ok.all()):
+            break
+    for _ in range(100):
+        mid = (left + right) / 2
+        ok = below(grid, mid)
+        left, right = torch.where(ok, mid, left), torch.where(ok, right, mid)
+    d_lower = left
+
+    left, right = torch.zeros_like(grid), torch.ones_like(grid)
+    while True:
+        ok = above(-grid, right)
+        right = torch.where(ok, right, 2 * right)
+        if bool(ok.all()):
+            break
+    for _ in range(100):
+        mid = (left + right) / 2
+        ok = above(-grid, mid)
+        left, right = torch.where(ok, left, mid), torch.where(ok, mid, right)
+    return d_lower, right

@@ -16,6 +16,7 @@ and scikit-learn versions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Final
 
@@ -67,14 +68,19 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(
             f"data set 'digits' has no split '{split}'; known splits: {', '.join(DIGITS_SPLITS)}"
         )
+    x, y, train_mask = _digits_all()
+    if split == "all":
+        return x.copy(), y.copy()
+    mask = train_mask if split == "train" else ~train_mask
+    return np.ascontiguousarray(x[mask]), np.ascontiguousarray(y[mask])
+
+
+@functools.cache
+def _digits_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All samples, labels and the train mask; cached, so callers must copy before handing out."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (np.asarray(bunch.data, dtype=np.float64) / 16.0).astype(np.float32)
     y = np.asarray(bunch.target, dtype=np.int64)
-    if split == "all":
-        return x, y
-    mask = digits_train_mask(y)
-    if split == "test":
-        mask = ~mask
-    return np.ascontiguousarray(x[mask]), np.ascontiguousarray(y[mask])
+    return x, y, digits_train_mask(y)

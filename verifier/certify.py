@@ -1,0 +1,234 @@
+"""Hard certification of samples over a box and the finite-sample accuracy certificate.
+
+A sample (x, y) is *certified* for a box T when float64 bounds prove z_y - z_j > 0 for every
+j != y and every θ in T, with each margin bound exceeding its rounding allowance
+(`verifier.bounds.ibp`). Certification of a sample does not depend on θ, so on n held-out
+samples drawn i.i.d. from the data distribution P and never used to build T, the count k of
+certified samples is Binomial(n, p) with p <= acc_P(θ') for every θ' in T. A one-sided
+Clopper-Pearson bound L(k, n, β) therefore gives: with probability >= 1 - β over the draw of
+the sample, every θ' in T has acc_P(θ') >= L.
+
+Balanced accuracy: per-class bounds at confidence 1 - β/C each (union bound over the C
+classes), averaged; with probability >= 1 - β all hold at once, so the mean bounds the
+balanced accuracy of every θ' in T.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from scipy import stats
+from torch import Tensor
+
+from verifier.bounds.ibp import MarginBounds, margin_bounds
+from verifier.domains.box import Box
+from verifier.graph import Graph
+
+BoundKind = Literal["clopper-pearson", "hoeffding"]
+Metric = Literal["accuracy", "balanced_accuracy"]
+CertMethod = Literal["ibp", "midrad", "crown-ibp", "best"]
+
+
+def clopper_pearson_lower(k: int, n: int, beta: float) -> float:
+    """One-sided (1 - beta) Clopper-Pearson lower bound on a binomial proportion.
+
+    Equals scipy.stats.beta.ppf(beta, k, n - k + 1); 0 when k = 0.
+    """
+    if n <= 0 or k <= 0:
+        return 0.0
+    return float(stats.beta.ppf(beta, k, n - k + 1))
+
+
+def hoeffding_lower(k: int, n: int, beta: float) -> float:
+    """One-sided Hoeffding lower bound k/n - sqrt(ln(1/beta) / 2n), floored at 0."""
+    if n <= 0:
+        return 0.0
+    return max(0.0, k / n - math.sqrt(math.log(1.0 / beta) / (2 * n)))
+
+
+def proportion_lower(k: int, n: int, beta: float, kind: BoundKind) -> float:
+    """The lower confidence bound of the chosen kind."""
+    if kind == "clopper-pearson":
+        return clopper_pearson_lower(k, n, beta)
+    return hoeffding_lower(k, n, beta)
+
+
+def required_rate(target: float, n: int, beta: float, kind: BoundKind) -> float:
+    """The smallest empirical rate k/n whose lower bound on n samples still reaches `target`.
+
+    Returns 1.0 (or more, i.e. unreachable) when even k = n falls short.
+    """
+    for k in range(math.ceil(target * n), n + 1):
+        if proportion_lower(k, n, beta, kind) >= target:
+            return k / n
+    return 1.0 + 1.0 / max(n, 1)
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """Certified count for one class."""
+
+    label: int
+    n: int
+    k: int
+    lower_bound: float
+
+
+@dataclass(frozen=True)
+class TaskCertificate:
+    """The finite-sample certificate of one constraint on held-out data."""
+
+    task: str
+    metric: Metric
+    target: float
+    n: int
+    k: int
+    beta: float
+    bound_kind: BoundKind
+    lower_bound: float
+    holds: bool
+    method: str
+    n_nonfinite: int
+    per_class: list[ClassCount] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        """A JSON-able dict."""
+        return asdict(self)
+
+
+def certify_samples(
+    graph: Graph,
+    box: Box,
+    x: Tensor,
+    y: Tensor,
+    *,
+    method: CertMethod = "ibp",
+    chunk_size: int = 256,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[Tensor, int]:
+    """Prove, in float64, which samples every network in the box classifies correctly.
+
+    Args:
+        graph: the network.
+        box: the region of parameters.
+        x: inputs, shape (n, *input_shape).
+        y: labels, shape (n,).
+        method: "ibp" (exact intervals), "midrad", "crown-ibp" (auto_LiRPA, Linear boxes
+            only) or "best" (a sample counts if any sound method proves it).
+        chunk_size: samples per bound pass.
+        on_chunk: called with the number of samples done after each chunk.
+
+    Returns:
+        (certified mask of shape (n,), number of samples whose bounds were NaN or Inf).
+    """
+    device = x.device
+    box64 = box.to(torch.float64, device)
+    masks, nonfinite = [], 0
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk_size):
+            xb = x[start : start + chunk_size].to(torch.float64)
+            yb = y[start : start + chunk_size].to(device)
+            ok = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
+            proofs = _proofs(graph, box64, xb, yb, method)
+            for bounds in proofs:
+                ok |= bounds.certified()
+            first = proofs[0].lower
+            nonfinite += int((torch.isnan(first) | torch.isneginf(first)).any(dim=1).sum())
+            masks.append(ok)
+            if on_chunk is not None:
+                on_chunk(int(xb.shape[0]))
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool), nonfinite
+
+
+def _proofs(
+    graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod
+) -> list[MarginBounds]:
+    out = []
+    if method in ("ibp", "best"):
+        out.append(margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True))
+    if method == "midrad":
+        out.append(
+            margin_bounds(graph, box.lower, box.upper, x, y, rule="midrad", track_rounding=True)
+        )
+    if method in ("crown-ibp", "best"):
+        from verifier.bounds.lirpa import lirpa_margin_bounds
+
+        ibp = out[0] if out else margin_bounds(
+            graph, box.lower, box.upper, x, y, track_rounding=True
+        )
+        lower = lirpa_margin_bounds(graph, box.lower, box.upper, x, y, method="crown-ibp")
+        # auto_LiRPA tracks no rounding: allow 1000x the interval pass's float64 error bound,
+        # whose magnitudes dominate CROWN's (same weights, same activations), plus 1e-9.
+        assert ibp.rounding is not None
+        out.append(MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9))
+    return out
+
+
+def certify_task(
+    certified: Tensor,
+    y: Tensor,
+    *,
+    task: str,
+    metric: Metric,
+    target: float,
+    beta: float,
+    bound_kind: BoundKind,
+    method: str,
+    n_nonfinite: int = 0,
+) -> TaskCertificate:
+    """Turn a certified mask on held-out samples into a finite-sample certificate.
+
+    Args:
+        certified: boolean mask, shape (n,), from `certify_samples` on held-out data.
+        y: the labels of those samples.
+        task: task name.
+        metric: "accuracy" or "balanced_accuracy" (per-class bounds at β/C, averaged).
+        target: τ.
+        beta: 1 - confidence.
+        bound_kind: Clopper-Pearson or Hoeffding.
+        method: bound method used (recorded).
+        n_nonfinite: samples whose bounds were not finite (recorded; they are not certified).
+
+    Returns:
+        The certificate; `holds` is lower_bound >= target.
+    """
+    n, k = int(certified.numel()), int(certified.sum())
+    labels = sorted({int(v) for v in y.tolist()})
+    per_class = []
+    class_beta = beta / max(len(labels), 1)
+    for label in labels:
+        sel = y == label
+        nc, kc = int(sel.sum()), int(certified[sel].sum())
+        per_class.append(ClassCount(label, nc, kc, proportion_lower(kc, nc, class_beta, bound_kind)))
+    if metric == "accuracy":
+        lower = proportion_lower(k, n, beta, bound_kind)
+    else:
+        lower = sum(c.lower_bound for c in per_class) / max(len(per_class), 1)
+    return TaskCertificate(
+        task=task,
+        metric=metric,
+        target=target,
+        n=n,
+        k=k,
+        beta=beta,
+        bound_kind=bound_kind,
+        lower_bound=lower,
+        holds=lower >= target,
+        method=method,
+        n_nonfinite=n_nonfinite,
+        per_class=per_class,
+    )
+
+
+def empirical_metric(correct: Tensor, y: Tensor, metric: Metric) -> float:
+    """Accuracy or balanced accuracy of a boolean per-sample mask."""
+    if correct.numel() == 0:
+        return 0.0
+    if metric == "accuracy":
+        return float(correct.to(torch.float64).mean())
+    rates = [float(correct[y == c].to(torch.float64).mean()) for c in torch.unique(y).tolist()]
+    return sum(rates) / len(rates)

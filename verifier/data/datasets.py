@@ -1,0 +1,265 @@
+"""Labelled tensor data sets: the built-in ones, user .npz files, and the check against a model.
+
+`load_dataset` is the one door for tensor data: a built-in name (`digits`, `mnist`, `cifar10`)
+or a path ending in `.npz`. Every `Dataset` records the sha256 of the exact bytes it holds, so a
+certificate can name the data it was computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from verifier.data.cifar import cifar10_arrays
+from verifier.data.digits import digits_arrays
+from verifier.data.locations import default_cache_dir, default_data_dir
+from verifier.data.mnist import mnist_arrays
+from verifier.data.npz import npz_arrays
+from verifier.errors import DataError
+
+if TYPE_CHECKING:
+    from verifier.graph import Graph
+
+BUILTIN_DATASETS: Final = ("digits", "mnist", "cifar10")
+_TEXT_PREFIXES: Final = ("xlmt_sentiment", "tweeteval", "hatecheck", "hatemoji")
+
+
+def data_sha256(x: Tensor | np.ndarray, y: Tensor | np.ndarray) -> str:
+    """The content hash of a data set: sha256 of x's bytes followed by y's bytes.
+
+    x is taken as C-ordered little-endian float32 and y as little-endian int64, exactly as a
+    `Dataset` holds them; shapes are not hashed (a reshape keeps the hash).
+
+    Args:
+        x: samples, any shape, float32 values.
+        y: labels, int64 values.
+
+    Returns:
+        The hex digest.
+    """
+    x_np = x.detach().cpu().numpy() if isinstance(x, Tensor) else x
+    y_np = y.detach().cpu().numpy() if isinstance(y, Tensor) else y
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(x_np, dtype="<f4").data)
+    digest.update(np.ascontiguousarray(y_np, dtype="<i8").data)
+    return digest.hexdigest()
+
+
+def _as_tensor(array: Tensor | np.ndarray) -> Tensor:
+    if isinstance(array, Tensor):
+        return array
+    if not array.flags.writeable:  # torch cannot share read-only memory
+        array = array.copy()
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """Labelled samples for a classifier, with the hash of their exact bytes.
+
+    Build one with `Dataset.from_arrays` (which computes the hash) or `load_dataset`.
+
+    Attributes:
+        name: the data set's name ("digits", ...) or the .npz path as given.
+        split: the split's name ("train", "test", ...).
+        x: samples, float32, shape (n, *input_shape), on the CPU.
+        y: labels, int64, shape (n,), in [0, n_classes).
+        n_classes: number of classes.
+        source_sha256: `data_sha256(x, y)`.
+    """
+
+    name: str
+    split: str
+    x: Tensor
+    y: Tensor
+    n_classes: int
+    source_sha256: str
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.float32 or self.x.dim() < 2:
+            raise DataError(
+                f"data set '{self.name}' [{self.split}]: x must be float32 with shape "
+                f"(n, *input_shape); found {self.x.dtype} {tuple(self.x.shape)}"
+            )
+        if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
+            raise DataError(
+                f"data set '{self.name}' [{self.split}]: y must be int64 with shape "
+                f"({self.x.shape[0]},); found {self.y.dtype} {tuple(self.y.shape)}"
+            )
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        split: str,
+        x: Tensor | np.ndarray,
+        y: Tensor | np.ndarray,
+        n_classes: int,
+    ) -> Dataset:
+        """A data set from samples and labels, converted to float32/int64 and hashed.
+
+        Args:
+            name: the data set's name.
+            split: the split's name.
+            x: samples, shape (n, *input_shape).
+            y: integer labels, shape (n,).
+            n_classes: number of classes.
+
+        Returns:
+            The data set, with `source_sha256` computed from the converted tensors. x and y may
+            share memory with the arguments when they already have the right dtype: do not
+            change those arrays afterwards.
+        """
+        x_t = _as_tensor(x)
+        y_t = _as_tensor(y)
+        x_t = x_t.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        y_t = y_t.detach().to(device="cpu", dtype=torch.int64).contiguous()
+        return cls(name, split, x_t, y_t, n_classes, data_sha256(x_t, y_t))
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Per-sample shape of x (no batch axis)."""
+        return tuple(self.x.shape[1:])
+
+    def subset(self, indices: Sequence[int] | Tensor | np.ndarray) -> Dataset:
+        """The samples at `indices`, in that order, with a fresh hash.
+
+        Args:
+            indices: integer positions in [0, len(self)); repeats are allowed.
+
+        Returns:
+            A new data set with the same name, split and n_classes.
+
+        Raises:
+            DataError: indices not a 1-D integer sequence, or out of range.
+        """
+        index = torch.as_tensor(indices)
+        if index.numel() == 0:
+            index = index.reshape(0).to(torch.int64)
+        if index.dim() != 1 or index.dtype.is_floating_point or index.dtype == torch.bool:
+            raise DataError(
+                f"data set '{self.name}' [{self.split}]: subset indices must be a 1-D sequence of "
+                f"integers; found {index.dtype} with shape {tuple(index.shape)}"
+            )
+        index = index.to(torch.int64)
+        bad = (index < 0) | (index >= len(self))
+        if bad.any():
+            position = int(torch.nonzero(bad)[0])
+            raise DataError(
+                f"data set '{self.name}' [{self.split}]: subset index {int(index[position])} "
+                f"(position {position}) is out of range for {len(self)} samples"
+            )
+        return Dataset.from_arrays(
+            self.name, self.split, self.x[index], self.y[index], self.n_classes
+        )
+
+
+def _unknown_name(ref: str) -> DataError:
+    if ref.split("/")[0] in _TEXT_PREFIXES:
+        return DataError(
+            f"'{ref}' is a text corpus, not a tensor data set; load it with "
+            "verifier.data.load_text_corpus and embed it first"
+        )
+    return DataError(
+        f"unknown data set '{ref}'; known: {', '.join(BUILTIN_DATASETS)}, "
+        "or a path to an .npz file with arrays x and y"
+    )
+
+
+def load_dataset(ref: str, *, split: str = "test", data_dir: Path | None = None) -> Dataset:
+    """Load a built-in data set or a user .npz file.
+
+    Built-in names:
+
+    * `digits`: scikit-learn's 8x8 digits, 64 features in [0, 1]; a fixed seeded stratified
+      split, "train" 1,000 / "test" 797 samples, and "all" 1,797 (see `verifier.data.digits`).
+    * `mnist`: (n, 1, 28, 28) in [0, 1]; "train" 60,000 / "test" 10,000; read in place from
+      `<data_dir>/mnist/*.gz`.
+    * `cifar10`: (n, 3, 32, 32) in [0, 1]; "train" 50,000 / "test" 10,000; decoded from
+      `<data_dir>/cifar10/cifar10-images.tar.gz` once and then cached (see
+      `verifier.data.cifar`; cache folder `LID_CACHE_DIR` or `~/.cache/lid-verifier`).
+
+    A ref ending in `.npz` is a user file: arrays `x`/`y` (the default split, also served for
+    "test") and `x_<split>`/`y_<split>`; see `verifier.data.npz`.
+
+    Args:
+        ref: a built-in name or a path to an .npz file.
+        split: which split to load.
+        data_dir: the shared data folder; default `default_data_dir()` (env LID_DATA_DIR).
+
+    Returns:
+        The data set with its content hash.
+
+    Raises:
+        DataError: unknown name or split, missing or malformed files (one line naming the file
+            or array, what was expected and what was found).
+    """
+    if ref.lower().endswith(".npz"):
+        path = Path(ref).expanduser()
+        arrays = npz_arrays(path, split)
+        return Dataset.from_arrays(ref, split, arrays.x, arrays.y, arrays.n_classes)
+    folder = default_data_dir() if data_dir is None else Path(data_dir)
+    if ref == "digits":
+        x, y = digits_arrays(split)
+    elif ref == "mnist":
+        x, y = mnist_arrays(folder, split)
+    elif ref == "cifar10":
+        x, y = cifar10_arrays(folder, split, default_cache_dir())
+    else:
+        raise _unknown_name(ref)
+    return Dataset.from_arrays(ref, split, x, y, 10)
+
+
+def validate_for_model(data: Dataset, graph: Graph) -> Dataset:
+    """Check that `data` fits the model's input and classes; reshape flat samples if needed.
+
+    When the per-sample shape differs from `graph.input_shape` but one of the two is a flat
+    vector (one dimension) of the same total size, the samples are reshaped in row-major (C)
+    order, the order of `torch.flatten` and ONNX Flatten: (n, 64) data for a (1, 8, 8) input,
+    or MNIST's (n, 1, 28, 28) for a 784-input MLP. The bytes, and so the hash, are unchanged.
+
+    Args:
+        data: the data set.
+        graph: the model.
+
+    Returns:
+        The data set with x of shape (n, *graph.input_shape) and n_classes = graph.n_classes.
+
+    Raises:
+        DataError: the sample shape does not fit, or a label is outside [0, graph.n_classes)
+            (the message names the first bad label and its index).
+    """
+    where = f"data set '{data.name}' [{data.split}]"
+    expected = tuple(graph.input_shape)
+    found = data.sample_shape
+    x = data.x
+    if found != expected:
+        flat = len(found) == 1 or len(expected) == 1
+        if not (flat and math.prod(found) == math.prod(expected)):
+            flat_too = "" if len(expected) == 1 else f" or a flat {math.prod(expected)}"
+            raise DataError(
+                f"{where}: samples have shape {found}; the model's input "
+                f"'{graph.input_name}' expects {expected}{flat_too}"
+            )
+        x = x.reshape(len(data), *expected)
+    bad = (data.y < 0) | (data.y >= graph.n_classes)
+    if bad.any():
+        index = int(torch.nonzero(bad)[0])
+        raise DataError(
+            f"{where}: label {int(data.y[index])} at index {index} is outside the model's "
+            f"classes 0..{graph.n_classes - 1} ({int(bad.sum())} bad labels in all)"
+        )
+    if x is data.x and data.n_classes == graph.n_classes:
+        return data
+    return Dataset(data.name, data.split, x, data.y, graph.n_classes, data.source_sha256)

@@ -1,0 +1,145 @@
+"""LID files: safetensors with `<initializer>.lower` / `.upper` tensors and string metadata.
+
+Metadata keys: `schema_version`, `domain` ("box"), `model_sha256`, `theta0_sha256`,
+`spec_sha256`, `parameters` (JSON list of names), `content_sha256` (sha256 of the tensors'
+bytes, so a tampered file is detected) and free-form `certificate` JSON. Files are written
+to a temporary file in the same folder and renamed into place. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from verifier.domains.box import Box
+from verifier.errors import DomainError
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, eq=False)
+class LidFile:
+    """A loaded LID and its metadata."""
+
+    box: Box
+    metadata: dict[str, str]
+
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the ONNX model the LID was computed for."""
+        return self.metadata.get("model_sha256", "")
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """sha256 over names, shapes, dtypes and bytes of tensors, in sorted name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, write: object) -> None:
+    """Call write(tmp_path) on a temporary file in path's folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))  # type: ignore[operator]
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def save_lid(path: Path, box: Box, metadata: Mapping[str, str]) -> None:
+    """Write a box LID as safetensors (float64 corners), atomically."""
+    tensors: dict[str, Tensor] = {}
+    for name in box.names:
+        tensors[f"{name}.lower"] = box.lower[name].detach().to("cpu", torch.float64).contiguous()
+        tensors[f"{name}.upper"] = box.upper[name].detach().to("cpu", torch.float64).contiguous()
+    meta = {str(k): str(v) for k, v in metadata.items()}
+    meta.update(
+        schema_version=SCHEMA_VERSION,
+        domain="box",
+        parameters=json.dumps(box.names),
+        content_sha256=tensors_sha256(tensors),
+    )
+    write_atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def load_lid(path: str | Path) -> LidFile:
+    """Read a LID file and check its structure and content hash.
+
+    Raises:
+        DomainError: missing, malformed or tampered file, or an unsupported schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DomainError(f"{path}: LID file not found")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DomainError(f"{path}: not a valid LID (safetensors) file: {err}") from None
+    if metadata.get("schema_version") != SCHEMA_VERSION:
+        found = metadata.get("schema_version")
+        raise DomainError(f"{path}: LID schema version {found!r}; expected {SCHEMA_VERSION!r}")
+    if metadata.get("domain") != "box":
+        raise DomainError(f"{path}: domain {metadata.get('domain')!r} is not supported here")
+    if tensors_sha256(tensors) != metadata.get("content_sha256"):
+        raise DomainError(f"{path}: content hash mismatch: the LID tensors were modified")
+    try:
+        names = json.loads(metadata["parameters"])
+    except (KeyError, json.JSONDecodeError):
+        raise DomainError(f"{path}: metadata 'parameters' is missing or malformed") from None
+    lower, upper = {}, {}
+    for name in names:
+        if f"{name}.lower" not in tensors or f"{name}.upper" not in tensors:
+            raise DomainError(f"{path}: parameter '{name}' lacks its .lower/.upper tensors")
+        lower[name], upper[name] = tensors[f"{name}.lower"], tensors[f"{name}.upper"]
+    return LidFile(Box(lower, upper), metadata)
+
+
+def check_lid_matches(lid: LidFile, parameters: Mapping[str, Tensor], *, source: str) -> None:
+    """Check that every boxed parameter exists in the model with the same shape.
+
+    Raises:
+        DomainError: naming the parameter.
+    """
+    for name, lo in lid.box.lower.items():
+        if name not in parameters:
+            raise DomainError(f"{source}: LID parameter '{name}' is not a parameter of the model")
+        if tuple(parameters[name].shape) != tuple(lo.shape):
+            raise DomainError(
+                f"{source}: parameter '{name}' has shape {tuple(parameters[name].shape)} in the "
+                f"model but {tuple(lo.shape)} in the LID"
+            )

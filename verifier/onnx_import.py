@@ -1,0 +1,920 @@
+"""ONNX classifier -> `verifier.graph.Graph`: the ONNX front end.
+
+`load_graph` reads the file, runs `onnx.checker` and strict shape inference, folds every
+constant-only subgraph, then walks from the single graph input to the single graph output and
+maps each node onto an op of `verifier.graph`. The result must be a chain: each node consumes
+the tensor the previous node produced, plus constants.
+
+Choices worth knowing:
+
+- **Parameters** are the weights and biases of Gemm, MatMul(+Add) and Conv, keyed by the name of
+  the initializer (or Constant node output) they come from and kept in its layout. A weight may
+  reach its node through Identity, Cast or a 2-D Transpose (a Transpose flips the Linear layout).
+  They are float32 torch tensors: a float16, bfloat16 or float64 initializer is converted to
+  float32 and a `UserWarning` says so, because the bound engine works in float32 (search) and
+  float64 (proofs) and a float32 copy keeps the search cheap; `verifier.onnx_export` writes
+  values back in the initializer's own dtype.
+- **Constants** (normalisation, folded BatchNormalization, Gemm alpha/beta, biases computed from
+  constants) are float64 tensors: exact for float32 sources and never a parameter. An initializer
+  used both as a parameter and as such a constant (e.g. deduplicated by an exporter) is refused,
+  since changing the parameter would silently change the constant too.
+- **BatchNormalization** right after a Conv, or after a Linear on (batch, features), is folded
+  into that op's `AffineScale`; anywhere else it becomes an Elementwise mul and add.
+- **Reshape-like nodes** (Flatten, Reshape, Squeeze, Unsqueeze) are accepted when they keep every
+  sample apart: the output shape is evaluated for several batch sizes (also through Shape-based
+  subgraphs such as `x.view(x.size(0), -1)`) and must be (batch, *fixed).
+- **Not supported**: Softmax/LogSoftmax (export logits instead), branches and skip connections,
+  several inputs or outputs, Pad, Transpose of computed tensors, 1-D/3-D conv and pooling, dilated
+  average pooling, quantised (integer) weights, non-default domains.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import NodeProto, TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from verifier.errors import GraphError
+from verifier.graph import (
+    Activation,
+    AffineScale,
+    Conv,
+    Elementwise,
+    Graph,
+    Linear,
+    Op,
+    Pool,
+    Reshape,
+    apply_op,
+)
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+_ELEMENTWISE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
+_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+_POOLS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"}
+_PASS_THROUGH = {"Identity", "Dropout", "Cast"}
+_SUPPORTED = (
+    {"Gemm", "MatMul", "Conv", "BatchNormalization"}
+    | set(_ACTIVATIONS)
+    | set(_ELEMENTWISE)
+    | _RESHAPES
+    | _POOLS
+    | _PASS_THROUGH
+)
+_SHAPE_SOURCES = {"Shape", "Size"}
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli"}
+_HINTS = {
+    "Softmax": "the bound engine needs logits: export the model without its final Softmax",
+    "LogSoftmax": "the bound engine needs logits: export the model without its LogSoftmax",
+    "Pad": "fold the padding into the following Conv (padding=... in torch)",
+}
+
+
+def load_graph(path: Path) -> Graph:
+    """Load an ONNX classifier as a chain of typed ops whose forward pass matches onnxruntime.
+
+    Args:
+        path: path to an .onnx file (external data is read relative to it).
+
+    Returns:
+        The graph; parameters are float32 tensors keyed by initializer name.
+
+    Raises:
+        GraphError: the file is missing, empty, truncated or not ONNX; the checker or shape
+            inference rejects it; it has NaN/Inf constants, an unsupported op, a branch, several
+            inputs or outputs, an input shape other than (batch, *fixed), or an output other
+            than (batch, n_classes).
+    """
+    path = Path(path)
+    model = read_model(path)
+    check_model(model, path)
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=True, data_prop=True
+        )
+    except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes is bad input
+        raise GraphError(
+            f"{path}: ONNX shape inference fails ({_one_line(err)}); "
+            "the model is inconsistent, re-export it"
+        ) from err
+    builder = _ChainBuilder(path, model)
+    graph = builder.build()
+    for note in builder.notes:
+        warnings.warn(note, stacklevel=2)
+    return graph
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Read an ONNX file, turning every way it can be unreadable into one GraphError.
+
+    Args:
+        path: path to an .onnx file.
+
+    Returns:
+        The decoded model, external data loaded.
+
+    Raises:
+        GraphError: the file is missing, not a file, empty, truncated or not ONNX.
+    """
+    if not path.exists():
+        raise GraphError(f"{path}: no such file; check the model path")
+    if not path.is_file():
+        raise GraphError(f"{path}: not a file; give the path of an .onnx model")
+    if path.stat().st_size == 0:
+        raise GraphError(f"{path}: the file is empty; re-export the model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # noqa: BLE001 - protobuf and external-data errors vary by version
+        raise GraphError(
+            f"{path}: not a readable ONNX model ({type(err).__name__}: {_one_line(err)}); "
+            "the file is truncated or not ONNX, re-export it"
+        ) from err
+    if not model.HasField("graph"):
+        raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
+    return model
+
+
+def check_model(model: onnx.ModelProto, path: Path) -> None:
+    """Run `onnx.checker.check_model`, turning a rejection into a GraphError naming the file."""
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # noqa: BLE001 - the checker raises several types
+        raise GraphError(
+            f"{path}: the ONNX checker rejects the model ({_one_line(err)}); "
+            "re-export it or repair the file"
+        ) from err
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _attrs(node: NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
+
+
+def _prod(dims: Iterable[int]) -> int:
+    return math.prod(dims)
+
+
+class _ChainBuilder:
+    """State of one `load_graph` call: constants, producers, consumers and the chain walk."""
+
+    def __init__(self, path: Path, model: onnx.ModelProto) -> None:
+        self.path = path
+        self.model = model
+        self.graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+        # protobuf hands out a new wrapper object on every access: keep one list of nodes so that
+        # id(node) is stable for this builder
+        self.nodes = list(self.graph.node)
+        self.names = {id(n): n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)}
+        self.constants: dict[str, np.ndarray] = {}
+        # tensor -> (initializer or Constant output it is a view of, transposed?)
+        self.sources: dict[str, tuple[str, bool]] = {}
+        # tensor -> every initializer or Constant output its value depends on
+        self.roots: dict[str, frozenset[str]] = {}
+        self.producer: dict[str, NodeProto] = {}
+        self.consumers: dict[str, list[tuple[NodeProto, int]]] = {}
+        self.shape_tensors: set[str] = set()
+        self.chain_shapes: dict[str, tuple[int, ...]] = {}
+        self.inferred = {
+            v.name: v for v in [*self.graph.value_info, *self.graph.output, *self.graph.input]
+        }
+        self.parameters: dict[str, torch.Tensor] = {}
+        self.parameter_roots: dict[str, str] = {}
+        self.constant_roots: dict[str, str] = {}
+        self.visited: set[int] = set()
+        self.notes: list[str] = []
+
+    # ----------------------------------------------------------------- messages
+    def where(self, node: NodeProto) -> str:
+        return f"{self.path}: node '{self.names[id(node)]}' ({node.op_type})"
+
+    def fail(self, node: NodeProto, what: str) -> GraphError:
+        return GraphError(f"{self.where(node)}: {what}")
+
+    # ----------------------------------------------------------------- top level
+    def build(self) -> Graph:
+        if self.graph.sparse_initializer:
+            raise GraphError(f"{self.path}: sparse initializers are not supported; densify them")
+        self._read_initializers()
+        input_name, input_shape, fixed_batch = self._graph_input()
+        output_name = self._graph_output()
+        self.batches = (fixed_batch,) if fixed_batch else (1, 2, 3)
+        self._classify_nodes()
+        ops = self._walk(input_name, input_shape, output_name)
+        self._check_all_visited()
+        self._check_untied()
+        shape = self.chain_shapes[output_name]
+        if len(shape) != 1:
+            raise GraphError(
+                f"{self.path}: output '{output_name}' has shape (batch, "
+                f"{', '.join(map(str, shape))}); a classifier must output (batch, n_classes)"
+            )
+        return Graph(
+            ops=tuple(ops),
+            parameters=self.parameters,
+            input_name=input_name,
+            input_shape=input_shape,
+            output_name=output_name,
+            n_classes=shape[0],
+        )
+
+    def _read_initializers(self) -> None:
+        for init in self.graph.initializer:
+            value = numpy_helper.to_array(init)
+            self._add_constant(init.name, value, origin=f"initializer '{init.name}'")
+            self.sources[init.name] = (init.name, False)
+            self.roots[init.name] = frozenset({init.name})
+
+    def _add_constant(self, name: str, value: np.ndarray, *, origin: str) -> None:
+        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
+            finite = np.isfinite(value.astype(np.float64))
+            if not finite.all():
+                raise GraphError(
+                    f"{self.path}: {origin} contains NaN or Inf ({int((~finite).sum())} of "
+                    f"{value.size} entries); fix the weights or re-train the model"
+                )
+        self.constants[name] = value
+
+    def _graph_input(self) -> tuple[str, tuple[int, ...], int | None]:
+        inits = {i.name for i in self.graph.initializer}
+        inputs = [i for i in self.graph.input if i.name not in inits]
+        if len(inputs) != 1:
+            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
+            raise GraphError(
+                f"{self.path}: the graph must have exactly one input, found {len(inputs)} "
+                f"({names}); export a single-input classifier"
+            )
+        value = inputs[0]
+        what = f"{self.path}: input '{value.name}'"
+        ttype = value.type.tensor_type
+        if not value.type.HasField("tensor_type") or ttype.elem_type not in _FLOAT_TYPES:
+            raise GraphError(f"{what}: must be a floating-point tensor")
+        if not ttype.HasField("shape") or len(ttype.shape.dim) < 2:
+            raise GraphError(
+                f"{what}: its shape is unknown or has rank < 2; export with a declared input "
+                "shape (batch, *sample_shape)"
+            )
+        dims = list(ttype.shape.dim)
+        sample: list[int] = []
+        for axis, dim in enumerate(dims[1:], start=1):
+            if not dim.HasField("dim_value") or dim.dim_value <= 0:
+                shown = dim.dim_param or "unknown"
+                raise GraphError(
+                    f"{what}: axis {axis} is '{shown}', not a fixed size; only the batch axis "
+                    "(axis 0) may be symbolic, fix the others when exporting"
+                )
+            sample.append(dim.dim_value)
+        fixed = dims[0].dim_value if dims[0].HasField("dim_value") else None
+        return value.name, tuple(sample), fixed or None
+
+    def _graph_output(self) -> str:
+        outputs = list(self.graph.output)
+        if len(outputs) != 1:
+            names = ", ".join(f"'{o.name}'" for o in outputs) or "none"
+            raise GraphError(
+                f"{self.path}: the graph must have exactly one output (the logits), found "
+                f"{len(outputs)} ({names}); export only the logits"
+            )
+        dims = outputs[0].type.tensor_type.shape.dim
+        if outputs[0].type.tensor_type.HasField("shape") and len(dims) != 2:
+            raise GraphError(
+                f"{self.path}: output '{outputs[0].name}' has rank {len(dims)}; a classifier "
+                "must output (batch, n_classes)"
+            )
+        return outputs[0].name
+
+    # ----------------------------------------------------------------- constants
+    def _classify_nodes(self) -> None:
+        """Fold constant-only nodes; index the others by producer and consumer."""
+        for node in self.nodes:
+            if node.domain not in ("", "ai.onnx"):
+                raise self.fail(
+                    node, f"ops of domain '{node.domain}' are not supported; export standard ONNX"
+                )
+            inputs = [i for i in node.input if i]
+            if node.op_type == "Constant":
+                self._fold_constant_node(node)
+            elif node.op_type == "CastLike" and node.input[0] in self.constants:
+                self._fold_cast_like(node)
+            elif (
+                inputs and node.op_type not in _RANDOM and all(i in self.constants for i in inputs)
+            ):
+                self._fold(node)
+            else:
+                for out in node.output:
+                    if out:
+                        self.producer[out] = node
+                for index, name in enumerate(node.input):
+                    if name and name not in self.constants:
+                        self.consumers.setdefault(name, []).append((node, index))
+                dynamic = [i for i in inputs if i not in self.constants]
+                if node.op_type in _SHAPE_SOURCES or (
+                    dynamic and all(i in self.shape_tensors for i in dynamic)
+                ):
+                    self.shape_tensors.update(o for o in node.output if o)
+                elif node.op_type not in _SUPPORTED:
+                    hint = _HINTS.get(node.op_type, "rewrite the model with supported ops")
+                    raise self.fail(node, f"op type '{node.op_type}' is not supported; {hint}")
+
+    def _fold_constant_node(self, node: NodeProto) -> None:
+        attrs = _attrs(node)
+        out = node.output[0]
+        if "value" in attrs:
+            value = numpy_helper.to_array(attrs["value"])
+        elif "value_float" in attrs:
+            value = np.array(attrs["value_float"], dtype=np.float32)
+        elif "value_floats" in attrs:
+            value = np.array(attrs["value_floats"], dtype=np.float32)
+        elif "value_int" in attrs:
+            value = np.array(attrs["value_int"], dtype=np.int64)
+        elif "value_ints" in attrs:
+            value = np.array(attrs["value_ints"], dtype=np.int64)
+        else:
+            raise self.fail(node, "only dense tensor, float and int Constant values are supported")
+        self._add_constant(out, value, origin=f"Constant node '{self.names[id(node)]}'")
+        self.sources[out] = (out, False)
+        self.roots[out] = frozenset({out})
+
+    def _fold_cast_like(self, node: NodeProto) -> None:
+        """CastLike(constant, t) only reads t's element type: fold it as a Cast."""
+        target = self.inferred.get(node.input[1])
+        elem_type = target.type.tensor_type.elem_type if target is not None else 0
+        if not elem_type:
+            raise self.fail(node, f"the element type of '{node.input[1]}' is unknown")
+        cast = onnx.helper.make_node(
+            "Cast", [node.input[0]], [node.output[0]], name=node.name, to=elem_type
+        )
+        self.names[id(cast)] = self.names[id(node)]
+        self._fold(cast)
+
+    def _fold(self, node: NodeProto) -> None:
+        feeds = {i: self.constants[i] for i in node.input if i}
+        values = self._evaluate(node, feeds)
+        # Shape and Size read no values, so the result does not depend on the tensor's entries
+        value_inputs = [] if node.op_type in _SHAPE_SOURCES else list(feeds)
+        roots = frozenset().union(*(self.roots.get(i, frozenset()) for i in value_inputs))
+        for out, value in zip(node.output, values, strict=False):
+            if not out:
+                continue
+            self._add_constant(
+                out, np.asarray(value), origin=f"constant output '{out}' of {self.where(node)}"
+            )
+            self.roots[out] = roots
+        source = self.sources.get(node.input[0]) if node.input else None
+        if source is None:
+            return
+        op = node.op_type
+        widening = _attrs(node).get("to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
+        if op == "Identity" or (op == "Cast" and widening):
+            self.sources[node.output[0]] = source
+        elif op == "Transpose" and self.constants[node.input[0]].ndim == 2:
+            if list(_attrs(node).get("perm", [1, 0])) == [1, 0]:
+                self.sources[node.output[0]] = (source[0], not source[1])
+
+    def _evaluate(self, node: NodeProto, feeds: dict[str, np.ndarray]) -> list[Any]:
+        try:
+            return list(ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds))
+        except Exception as err:  # noqa: BLE001 - the reference evaluator raises many types
+            raise self.fail(
+                node, f"cannot evaluate this constant computation ({_one_line(err)})"
+            ) from err
+
+    def _constant(self, node: NodeProto, name: str) -> np.ndarray:
+        """A constant used as a constant (not a parameter); remember where it came from."""
+        for root in self.roots.get(name, frozenset()):
+            self.constant_roots.setdefault(root, self.names[id(node)])
+        return self.constants[name]
+
+    def _parameter(self, node: NodeProto, name: str, role: str) -> tuple[str, bool]:
+        """Register the initializer behind input `name` of `node` as a parameter."""
+        if name not in self.sources:
+            raise self.fail(
+                node,
+                f"its {role} '{name}' is computed from constants; store it as an initializer "
+                "(export with constant folding)",
+            )
+        source, transposed = self.sources[name]
+        if source not in self.parameters:
+            raw = self.constants[source]
+            if raw.dtype.kind != "f" and raw.dtype.name != "bfloat16":
+                raise self.fail(
+                    node,
+                    f"{role} '{source}' has dtype {raw.dtype}; quantised weights are "
+                    "not supported, export float weights",
+                )
+            if raw.dtype != np.float32:
+                self.notes.append(
+                    f"{self.path}: parameter '{source}' is stored as {raw.dtype}; "
+                    "it is converted to float32"
+                )
+            self.parameters[source] = torch.from_numpy(raw.astype(np.float32))
+        self.parameter_roots.setdefault(source, self.names[id(node)])
+        return source, transposed
+
+    def _check_untied(self) -> None:
+        for root, user in self.parameter_roots.items():
+            if root in self.constant_roots:
+                raise GraphError(
+                    f"{self.path}: '{root}' is a parameter of node '{user}' and also a constant "
+                    f"of node '{self.constant_roots[root]}'; store them as separate initializers "
+                    "(e.g. export without constant deduplication)"
+                )
+
+    # ----------------------------------------------------------------- the chain
+    def _users(self, tensor: str) -> list[NodeProto]:
+        users: list[NodeProto] = []
+        for node, _ in self.consumers.get(tensor, []):
+            if node.op_type not in _SHAPE_SOURCES and all(node is not u for u in users):
+                users.append(node)
+        return users
+
+    def _walk(self, cur: str, shape: tuple[int, ...], output: str) -> list[Op]:
+        ops: list[Op] = []
+        self.chain_shapes[cur] = shape
+        while cur != output:
+            users = self._users(cur)
+            if not users:
+                raise GraphError(
+                    f"{self.path}: tensor '{cur}' is used by no node and is not the graph output "
+                    f"'{output}'; the output must be reached by a chain of nodes from the input"
+                )
+            if len(users) > 1:
+                names = ", ".join(f"'{self.names[id(u)]}'" for u in users)
+                raise GraphError(
+                    f"{self.path}: tensor '{cur}' feeds several nodes ({names}); only chains are "
+                    "supported (no branches or skip connections)"
+                )
+            node = users[0]
+            self._check_inputs(node, cur)
+            self.visited.add(id(node))
+            new_ops, out = self._map(node, cur, shape, ops, output)
+            for op in new_ops:
+                shape = self._probe(node, op, shape)
+            ops.extend(new_ops)
+            self._check_inferred(node, out, shape)
+            self.chain_shapes[out] = shape
+            cur = out
+        return ops
+
+    def _check_inputs(self, node: NodeProto, cur: str) -> None:
+        if sum(1 for i in node.input if i == cur) != 1:
+            raise self.fail(node, f"uses tensor '{cur}' more than once; not supported")
+        for index, name in enumerate(node.input):
+            if not name or name == cur or name in self.constants:
+                continue
+            if name in self.shape_tensors and node.op_type == "Reshape" and index == 1:
+                continue
+            other = self.producer.get(name)
+            origin = f"node '{self.names[id(other)]}'" if other is not None else "a graph input"
+            raise self.fail(
+                node,
+                f"combines '{cur}' with the computed tensor '{name}' (from {origin}); only "
+                "chains whose side inputs are constants are supported",
+            )
+        for out in node.output[1:]:
+            if out and (out in self.consumers or out == self.graph.output[0].name):
+                raise self.fail(node, f"its extra output '{out}' is used; only the first may be")
+
+    def _map(
+        self, node: NodeProto, cur: str, shape: tuple[int, ...], ops: list[Op], output: str
+    ) -> tuple[list[Op], str]:
+        op = node.op_type
+        index = list(node.input).index(cur)
+        name = self.names[id(node)]
+        if op == "MatMul":
+            return self._matmul(node, index, shape, output)
+        if index != 0 and op not in _ELEMENTWISE:
+            raise self.fail(node, f"takes '{cur}' as input {index}; it must be input 0")
+        if op == "Gemm":
+            return [self._gemm(node, shape)], node.output[0]
+        if op == "Conv":
+            return [self._conv(node, shape)], node.output[0]
+        if op == "BatchNormalization":
+            return self._batchnorm(node, shape, ops), node.output[0]
+        if op in _ACTIVATIONS:
+            return [Activation(name, _ACTIVATIONS[op])], node.output[0]  # type: ignore[arg-type]
+        if op in _ELEMENTWISE:
+            return [self._elementwise(node, index, shape)], node.output[0]
+        if op in _RESHAPES:
+            new_shape = self._reshaped(node, shape)
+            ops_out = [] if new_shape == shape else [Reshape(name, new_shape)]
+            return ops_out, node.output[0]  # type: ignore[return-value]
+        if op in _POOLS:
+            return [self._pool(node, shape)], node.output[0]
+        self._pass_through(node)
+        return [], node.output[0]
+
+    def _probe(self, node: NodeProto, op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample output shape of `op`, computed on a meta tensor (no arithmetic)."""
+        try:
+            out = apply_op(op, torch.empty((1, *shape), device="meta"), self.parameters)
+        except Exception as err:  # noqa: BLE001 - torch reports shape errors in several types
+            raise self.fail(
+                node, f"cannot be applied to a sample of shape {shape} ({_one_line(err)})"
+            ) from err
+        return tuple(out.shape[1:])
+
+    def _check_inferred(self, node: NodeProto, out: str, shape: tuple[int, ...]) -> None:
+        value = self.inferred.get(out)
+        if value is None or not value.type.tensor_type.HasField("shape"):
+            return
+        dims = value.type.tensor_type.shape.dim
+        onnx_dims = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+        if len(dims) != len(shape) + 1 or any(
+            d is not None and d != s for d, s in zip(onnx_dims, shape, strict=True)
+        ):
+            shown = ", ".join("?" if d is None else str(d) for d in onnx_dims)
+            raise self.fail(
+                node,
+                f"ONNX infers per-sample shape ({shown}) but this op maps to {shape}; "
+                "this configuration is not supported",
+            )
+
+    def _check_all_visited(self) -> None:
+        for node in self.nodes:
+            if node.output and node.output[0] in self.producer and id(node) not in self.visited:
+                if node.output[0] in self.shape_tensors:
+                    continue
+                raise self.fail(
+                    node,
+                    "is not on the chain from the graph input to the graph output; "
+                    "only single-path graphs are supported",
+                )
+
+    # ----------------------------------------------------------------- affine ops
+    def _weight(self, node: NodeProto, name: str, role: str = "weight") -> tuple[str, bool]:
+        if name not in self.constants:
+            raise self.fail(node, f"its {role} '{name}' is computed, not a constant")
+        return self._parameter(node, name, role)
+
+    def _bias(self, node: NodeProto, name: str, n_out: int) -> tuple[str | None, np.ndarray | None]:
+        """A bias that is an initializer of n_out values is a parameter; else a constant."""
+        value = self.constants[name]
+        if value.size == n_out and value.shape in ((n_out,), (1, n_out)):
+            source = self.sources.get(name)
+            if source is not None and not source[1]:
+                return self._parameter(node, name, "bias")[0], None
+        try:
+            return None, np.broadcast_to(self._constant(node, name), (1, n_out)).reshape(n_out)
+        except ValueError as err:
+            raise self.fail(
+                node, f"its bias '{name}' has shape {value.shape}; expected ({n_out},)"
+            ) from err
+
+    def _gemm(self, node: NodeProto, shape: tuple[int, ...]) -> Linear:
+        attrs = _attrs(node)
+        if attrs.get("transA", 0):
+            raise self.fail(node, "transA=1 is not supported; export x @ W with transA=0")
+        if len(shape) != 1:
+            raise self.fail(node, f"input per-sample shape {shape} is not a vector")
+        source, transposed = self._weight(node, node.input[1])
+        trans_b = bool(attrs.get("transB", 0))
+        layout = "out_in" if trans_b != transposed else "in_out"
+        effective = self.constants[node.input[1]]
+        n_out = effective.shape[0] if trans_b else effective.shape[1]
+        bias, shift = None, None
+        if len(node.input) > 2 and node.input[2]:
+            bias, shift = self._bias(node, node.input[2], n_out)
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        scale = _scale(n_out, alpha, beta, None if shift is None else beta * shift)
+        return Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
+
+    def _matmul(
+        self, node: NodeProto, index: int, shape: tuple[int, ...], output: str
+    ) -> tuple[list[Op], str]:
+        if index != 0:
+            raise self.fail(node, "the computed tensor must be the left operand (x @ W)")
+        if self.constants.get(node.input[1], np.zeros(0)).ndim != 2:
+            raise self.fail(node, f"its right operand '{node.input[1]}' must be a 2-D constant")
+        source, transposed = self._weight(node, node.input[1])
+        n_out = self.constants[node.input[1]].shape[1]
+        layout = "out_in" if transposed else "in_out"
+        out = node.output[0]
+        users = self._users(out) if out != output else []
+        bias, scale = None, None
+        if len(users) == 1 and users[0].op_type == "Add" and not self._shape_users(out):
+            add = users[0]
+            others = [i for i in add.input if i != out]
+            value = self.constants.get(others[0]) if len(others) == 1 else None
+            if value is not None and value.size == n_out and value.shape[-1:] == (n_out,):
+                if value.ndim <= len(shape) + 1:
+                    self._check_inputs(add, out)
+                    self.visited.add(id(add))
+                    bias, shift = self._bias(add, others[0], n_out)
+                    scale = _scale(n_out, 1.0, 1.0, shift)
+                    out = add.output[0]
+        op = Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
+        return [op], out
+
+    def _shape_users(self, tensor: str) -> bool:
+        return any(n.op_type in _SHAPE_SOURCES for n, _ in self.consumers.get(tensor, []))
+
+    def _conv(self, node: NodeProto, shape: tuple[int, ...]) -> Conv:
+        attrs = _attrs(node)
+        if len(shape) != 3:
+            raise self.fail(node, f"only 2-D convolution (NCHW) is supported; input {shape}")
+        source, transposed = self._weight(node, node.input[1])
+        weight = self.constants[node.input[1]]
+        if transposed or weight.ndim != 4:
+            raise self.fail(node, "its weight must be a 4-D initializer in ONNX layout")
+        kernel = tuple(weight.shape[2:])
+        if tuple(attrs.get("kernel_shape", kernel)) != kernel:
+            raise self.fail(node, "kernel_shape does not match the weight")
+        strides = tuple(attrs.get("strides", (1, 1)))
+        dilations = tuple(attrs.get("dilations", (1, 1)))
+        pads = self._pads(node, attrs, shape[1:], kernel, strides, dilations)
+        bias, shift = None, None
+        if len(node.input) > 2 and node.input[2]:
+            bias, shift = self._bias(node, node.input[2], weight.shape[0])
+        return Conv(
+            self.names[id(node)],
+            source,
+            bias,
+            strides,  # type: ignore[arg-type]
+            pads,
+            dilations,  # type: ignore[arg-type]
+            int(attrs.get("group", 1)),
+            _scale(weight.shape[0], 1.0, 1.0, shift),
+        )
+
+    def _pads(
+        self,
+        node: NodeProto,
+        attrs: dict[str, Any],
+        spatial: tuple[int, ...],
+        kernel: tuple[int, ...],
+        strides: tuple[int, ...],
+        dilations: tuple[int, ...],
+    ) -> tuple[int, int, int, int]:
+        """ONNX pads (top, left, bottom, right), resolving auto_pad SAME_* and VALID."""
+        auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
+        if len(kernel) != 2:
+            raise self.fail(node, "only 2-D kernels are supported")
+        if auto_pad == "NOTSET":
+            pads = tuple(int(p) for p in attrs.get("pads", (0, 0, 0, 0)))
+            return pads  # type: ignore[return-value]
+        if auto_pad == "VALID":
+            return (0, 0, 0, 0)
+        if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
+            raise self.fail(node, f"auto_pad '{auto_pad}' is not supported")
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else large)
+            end.append(large if auto_pad == "SAME_UPPER" else small)
+        return (begin[0], begin[1], end[0], end[1])
+
+    def _batchnorm(self, node: NodeProto, shape: tuple[int, ...], ops: list[Op]) -> list[Op]:
+        attrs = _attrs(node)
+        if attrs.get("training_mode", 0):
+            raise self.fail(node, "training_mode=1; export the model in eval mode")
+        if len(node.input) != 5 or not all(i in self.constants for i in node.input[1:]):
+            raise self.fail(node, "scale, bias, mean and variance must be constants")
+        gamma, beta, mean, var = (
+            self._constant(node, i).astype(np.float64) for i in node.input[1:]
+        )
+        eps = float(attrs.get("epsilon", 1e-5))
+        if not shape or any(v.shape != (shape[0],) for v in (gamma, beta, mean, var)):
+            raise self.fail(node, f"its statistics do not match {shape[0]} channels")
+        if np.any(var + eps <= 0):
+            raise self.fail(node, "its variance + epsilon is not positive")
+        k = gamma / np.sqrt(var + eps)
+        t = beta - mean * k
+        prev = ops[-1] if ops else None
+        if isinstance(prev, Conv) or (isinstance(prev, Linear) and len(shape) == 1):
+            old = prev.scale or _identity_scale(shape[0])
+            kt = torch.from_numpy(k)
+            scale = AffineScale(
+                old.weight_scale * kt, old.bias_scale * kt, old.shift * kt + torch.from_numpy(t)
+            )
+            ops[-1] = replace(prev, scale=scale)
+            return []
+        bshape = (shape[0],) + (1,) * (len(shape) - 1)
+        name = self.names[id(node)]
+        return [
+            Elementwise(name, "mul", torch.from_numpy(k.reshape(bshape))),
+            Elementwise(name, "add", torch.from_numpy(t.reshape(bshape))),
+        ]
+
+    # ----------------------------------------------------------------- other ops
+    def _elementwise(self, node: NodeProto, index: int, shape: tuple[int, ...]) -> Elementwise:
+        other = node.input[1 - index]
+        value = self._constant(node, other).astype(np.float64)
+        try:
+            ok = np.broadcast_shapes((1, *shape), value.shape) == (1, *shape)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise self.fail(
+                node,
+                f"its constant '{other}' of shape {value.shape} does not broadcast "
+                f"against the per-sample shape {shape} without changing it",
+            )
+        if value.ndim == len(shape) + 1:
+            value = value.reshape(value.shape[1:])
+        op = _ELEMENTWISE[node.op_type]
+        first = index == 1 and op in ("sub", "div")
+        if op == "div" and not first and np.any(value == 0):
+            raise self.fail(node, f"divides by constant '{other}', which has zero entries")
+        return Elementwise(self.names[id(node)], op, torch.from_numpy(value), first)  # type: ignore[arg-type]
+
+    def _pass_through(self, node: NodeProto) -> None:
+        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
+            if bool(np.asarray(self._constant(node, node.input[2])).item()):
+                raise self.fail(node, "training_mode is true; export the model in eval mode")
+        if node.op_type == "Cast" and _attrs(node).get("to") not in (
+            TensorProto.FLOAT,
+            TensorProto.DOUBLE,
+        ):
+            raise self.fail(node, "only casts to float32 or float64 are supported")
+
+    def _pool(self, node: NodeProto, shape: tuple[int, ...]) -> Pool:
+        attrs = _attrs(node)
+        if len(shape) != 3:
+            raise self.fail(node, f"only 2-D pooling (NCHW) is supported; input {shape}")
+        function = "max" if "Max" in node.op_type else "average"
+        name = self.names[id(node)]
+        if node.op_type.startswith("Global"):
+            return Pool(name, function, (shape[1], shape[2]), (1, 1))  # type: ignore[arg-type]
+        kernel = tuple(attrs["kernel_shape"])
+        strides = tuple(attrs.get("strides", (1,) * len(kernel)))
+        dilations = tuple(attrs.get("dilations", (1,) * len(kernel)))
+        if function == "average" and any(d != 1 for d in dilations):
+            raise self.fail(node, "dilated average pooling is not supported")
+        pads = self._pads(node, attrs, shape[1:], kernel, strides, dilations)
+        return Pool(
+            name,
+            function,  # type: ignore[arg-type]
+            kernel,  # type: ignore[arg-type]
+            strides,  # type: ignore[arg-type]
+            pads,
+            dilations,  # type: ignore[arg-type]
+            ceil_mode=bool(attrs.get("ceil_mode", 0)),
+            count_include_pad=bool(attrs.get("count_include_pad", 0)),
+        )
+
+    # ----------------------------------------------------------------- reshapes
+    def _reshaped(self, node: NodeProto, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample output shape of a reshape-like node, proven to keep samples apart."""
+        results: dict[int, tuple[int, ...]] = {}
+        problems: list[str] = []
+        for batch in self.batches:
+            full = (batch, *shape)
+            try:
+                results[batch] = self._reshape_rule(node)(full, batch)
+            except ValueError as err:
+                problems.append(f"input {full}: {err}")
+            else:
+                if results[batch][:1] != (batch,):
+                    problems.append(f"input {full} -> {results[batch]}")
+        rests = {out[1:] for out in results.values()}
+        if problems or len(rests) != 1 or _prod(next(iter(rests))) != _prod(shape):
+            seen = "; ".join(problems or [f"{(b, *shape)} -> {o}" for b, o in results.items()])
+            raise self.fail(
+                node,
+                f"does not keep the batch axis ({seen}); reshape to (batch, ...) with -1 or 0 "
+                "in the first place",
+            )
+        return next(iter(rests))
+
+    def _reshape_rule(self, node: NodeProto) -> Callable[[tuple[int, ...], int], tuple[int, ...]]:
+        attrs = _attrs(node)
+        op = node.op_type
+        if op == "Flatten":
+
+            def flatten(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
+                axis = int(attrs.get("axis", 1))
+                axis = axis + len(full) if axis < 0 else axis
+                return (_prod(full[:axis]), _prod(full[axis:]))
+
+            return flatten
+        if op == "Reshape":
+            allowzero = bool(attrs.get("allowzero", 0))
+            return lambda full, batch: _onnx_reshape(
+                full, self._shape_value(node.input[1], batch), allowzero
+            )
+
+        def axes(full: tuple[int, ...], batch: int, rank: int) -> list[int] | None:
+            if len(node.input) > 1 and node.input[1]:
+                raw = self._shape_value(node.input[1], batch)
+            elif "axes" in attrs:
+                raw = list(attrs["axes"])
+            else:
+                return None
+            return sorted(a + rank if a < 0 else a for a in raw)
+
+        if op == "Squeeze":
+
+            def squeeze(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
+                chosen = axes(full, batch, len(full))
+                if chosen is None:
+                    chosen = [i for i, d in enumerate(full) if d == 1]
+                return tuple(d for i, d in enumerate(full) if i not in chosen)
+
+            return squeeze
+
+        def unsqueeze(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
+            rank = len(full) + len(axes(full, batch, 0) or [])
+            out = list(full)
+            for a in axes(full, batch, rank) or []:
+                out.insert(a, 1)
+            return tuple(out)
+
+        return unsqueeze
+
+    def _shape_value(self, name: str, batch: int) -> list[int]:
+        """Value of a shape tensor for a given batch size (constant or Shape-derived)."""
+        if name in self.constants:
+            return [int(v) for v in np.asarray(self.constants[name]).reshape(-1)]
+        return [int(v) for v in np.asarray(self._eval_shape(name, batch, {})).reshape(-1)]
+
+    def _eval_shape(self, name: str, batch: int, memo: dict[str, np.ndarray]) -> np.ndarray:
+        if name in self.constants:
+            return self.constants[name]
+        if name in memo:
+            return memo[name]
+        node = self.producer[name]
+        if node.op_type in _SHAPE_SOURCES:
+            source = node.input[0]
+            if source not in self.chain_shapes:
+                raise self.fail(node, f"takes the shape of '{source}', which is not yet computed")
+            full = np.array([batch, *self.chain_shapes[source]], dtype=np.int64)
+            if node.op_type == "Size":
+                values = [np.array(_prod(full), dtype=np.int64)]
+            else:
+                attrs = _attrs(node)
+                start, end = attrs.get("start", 0), attrs.get("end")
+                values = [full[start:end]]
+        else:
+            feeds = {i: self._eval_shape(i, batch, memo) for i in node.input if i}
+            values = self._evaluate(node, feeds)
+        for out, value in zip(node.output, values, strict=False):
+            memo[out] = np.asarray(value)
+        return memo[name]
+
+
+def _onnx_reshape(full: tuple[int, ...], spec: list[int], allowzero: bool) -> tuple[int, ...]:
+    """Output shape of ONNX Reshape(data of shape `full`, shape=spec)."""
+    out: list[int] = []
+    for i, s in enumerate(spec):
+        if s == 0 and not allowzero:
+            if i >= len(full):
+                raise ValueError(f"shape {spec} copies axis {i}, which the input lacks")
+            out.append(full[i])
+        elif s < -1:
+            raise ValueError(f"shape {spec} has a negative size")
+        else:
+            out.append(s)
+    if out.count(-1) > 1:
+        raise ValueError(f"shape {spec} has several -1 entries")
+    total = _prod(full)
+    if -1 in out:
+        known = _prod(d for d in out if d != -1)
+        if known == 0 or total % known:
+            raise ValueError(f"shape {spec} does not divide {total} elements")
+        out[out.index(-1)] = total // known
+    if _prod(out) != total:
+        raise ValueError(f"shape {spec} does not hold {total} elements")
+    return tuple(out)
+
+
+def _identity_scale(n_out: int) -> AffineScale:
+    """y = W x + b as an AffineScale, the start of a BatchNormalization fold."""
+    ones = torch.ones(n_out, dtype=torch.float64)
+    return AffineScale(ones, ones.clone(), torch.zeros(n_out, dtype=torch.float64))
+
+
+def _scale(n_out: int, alpha: float, beta: float, shift: np.ndarray | None) -> AffineScale | None:
+    """The AffineScale for y = alpha*(W x) + beta*b + shift, or None when it is the identity."""
+    if alpha == 1.0 and beta == 1.0 and shift is None:
+        return None
+    return AffineScale(
+        weight_scale=torch.full((n_out,), alpha, dtype=torch.float64),
+        bias_scale=torch.full((n_out,), beta, dtype=torch.float64),
+        shift=(
+            torch.zeros(n_out, dtype=torch.float64)
+            if shift is None
+            else torch.from_numpy(np.asarray(shift, dtype=np.float64).reshape(n_out).copy())
+        ),
+    )

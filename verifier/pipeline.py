@@ -1,0 +1,432 @@
+"""The whole job behind `verifier lid` / `run` / `certify`: load, split, search, certify, write.
+
+Data flow per task: the task's samples are split once, with a seeded permutation, into a
+*certification* part (held out: only the final certificate ever looks at it) and an
+*optimisation* part, itself split into the samples that drive the search's gradient and a
+validation part used with them to choose and shrink the box.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import verifier
+from verifier.certify import (
+    CertMethod,
+    TaskCertificate,
+    certify_samples,
+    certify_task,
+    empirical_metric,
+    required_rate,
+)
+from verifier.data import Dataset, data_sha256, load_dataset, validate_for_model
+from verifier.domains.box import Box, width_summary
+from verifier.domains.io import (
+    check_lid_matches,
+    file_sha256,
+    load_lid,
+    save_lid,
+    tensors_sha256,
+    write_text_atomic,
+)
+from verifier.errors import DataError, SpecError
+from verifier.graph import Graph
+from verifier.onnx_import import load_graph
+from verifier.search import (
+    SearchResult,
+    SearchStep,
+    SearchTask,
+    fisher_importance,
+    frozen_by_importance,
+    search_lid,
+)
+from verifier.spec import DataSection, Spec, TaskSection, spec_hash
+
+CERTIFICATE_SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedTask:
+    """A task with its resolved target and its data parts."""
+
+    section: TaskSection
+    clean: float
+    target: float
+    search_target: float
+    search: SearchTask
+    x_cert: Tensor
+    y_cert: Tensor
+    opt_sha256: str
+    cert_sha256: str
+
+
+@dataclass(frozen=True, eq=False)
+class LidRun:
+    """Everything a `verifier lid` run produced."""
+
+    result: SearchResult
+    certificates: list[TaskCertificate]
+    document: dict[str, Any]
+    out_dir: Path
+
+    @property
+    def holds(self) -> bool:
+        """True when every task's held-out certificate meets its target."""
+        return all(c.holds for c in self.certificates)
+
+
+def select_parameters(graph: Graph, selection: str | Sequence[str]) -> list[str]:
+    """Names of the boxed parameters: "all", or names / glob patterns of initializers.
+
+    Raises:
+        SpecError: a name or pattern matches no parameter.
+    """
+    names = list(graph.parameters)
+    if selection == "all":
+        return names
+    chosen: list[str] = []
+    for pattern in selection:
+        matches = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            raise SpecError(
+                f"parameters: '{pattern}' matches no parameter of the model; known: {names}"
+            )
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def load_task_data(section: DataSection, graph: Graph) -> Dataset:
+    """Load and validate a data section (class filter applied)."""
+    data_dir = None if section.data_dir is None else Path(section.data_dir)
+    data = validate_for_model(
+        load_dataset(section.name, split=section.split, data_dir=data_dir), graph
+    )
+    if section.classes is not None:
+        keep = torch.isin(data.y, torch.tensor(section.classes, dtype=torch.int64))
+        if not bool(keep.any()):
+            raise DataError(f"data set '{data.name}': no sample has a label in {section.classes}")
+        data = data.subset(torch.nonzero(keep).flatten())
+    return data
+
+
+def clean_correct(graph: Graph, x: Tensor, y: Tensor, *, batch: int = 1024) -> Tensor:
+    """Boolean mask of samples the nominal network classifies correctly (float32)."""
+    with torch.no_grad():
+        preds = [graph(x[i : i + batch]).argmax(dim=1) for i in range(0, x.shape[0], batch)]
+    return torch.cat(preds) == y if preds else torch.zeros(0, dtype=torch.bool)
+
+
+def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask:
+    """Split a task's data and resolve its targets."""
+    data = load_task_data(section.data or spec.data, graph)
+    n = len(data)
+    if n < 4:
+        raise DataError(f"task '{section.name}': only {n} samples; need at least 4")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(spec.certify.split_seed))
+    n_cert = max(1, math.ceil(spec.certify.certification_fraction * n))
+    cert_idx, opt_idx = perm[:n_cert], perm[n_cert:]
+    if spec.certify.n_samples is not None:
+        cert_idx = cert_idx[: spec.certify.n_samples]
+    x_opt, y_opt = data.x[opt_idx], data.y[opt_idx]
+    x_cert, y_cert = data.x[cert_idx], data.y[cert_idx]
+    clean = empirical_metric(clean_correct(graph, x_opt, y_opt), y_opt, section.metric)
+    target = section.resolve_target(clean)
+    if not 0.0 < target <= 1.0:
+        raise SpecError(
+            f"task '{section.name}': target resolves to {target:.4f} (clean {clean:.4f}); "
+            "it must lie in (0, 1]"
+        )
+    slack = spec.search.target_slack
+    if slack == "auto":
+        n_eff = x_cert.shape[0]
+        beta = spec.certify.beta
+        if section.metric == "balanced_accuracy":
+            n_classes = max(int(torch.unique(y_cert).numel()), 1)
+            n_eff, beta = max(n_eff // n_classes, 1), beta / n_classes
+        search_target = required_rate(target, n_eff, beta, spec.certify.bound)
+    else:
+        search_target = target + float(slack)
+    search_target = min(search_target, clean)
+    perm_opt = torch.randperm(
+        x_opt.shape[0], generator=torch.Generator().manual_seed(spec.search.seed)
+    )
+    n_val = int(spec.search.validation_fraction * x_opt.shape[0])
+    val_idx, grad_idx = perm_opt[:n_val], perm_opt[n_val:]
+    search = SearchTask(
+        section.name,
+        section.metric,
+        search_target,
+        x_opt[grad_idx],
+        y_opt[grad_idx],
+        x_opt[val_idx],
+        y_opt[val_idx],
+    )
+    return PreparedTask(
+        section,
+        clean,
+        target,
+        search_target,
+        search,
+        x_cert,
+        y_cert,
+        data_sha256(x_opt, y_opt),
+        data_sha256(x_cert, y_cert),
+    )
+
+
+def _frozen_masks(spec: Spec, graph: Graph, names: list[str]) -> dict[str, Tensor] | None:
+    importance = spec.search.importance
+    if importance.kind == "none" or importance.fraction == 0.0:
+        return None
+    if importance.lookahead is None:
+        raise SpecError("search.importance.lookahead: required when importance.kind is set")
+    data = load_task_data(importance.lookahead, graph)
+    count = min(importance.n_samples, len(data))
+    scores = fisher_importance(graph, names, data.x[:count], data.y[:count])
+    return frozen_by_importance(scores, importance.fraction)
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in certificates."""
+    import onnx
+
+    versions = {
+        "lid-verifier": verifier.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        from importlib.metadata import version
+
+        versions["auto_LiRPA"] = version("auto_LiRPA")
+    except Exception:  # noqa: BLE001 - optional backend, recorded as absent
+        versions["auto_LiRPA"] = "not installed"
+    return versions
+
+
+def certify_prepared(
+    graph: Graph,
+    box: Box,
+    task: PreparedTask,
+    spec: Spec,
+    *,
+    method: CertMethod,
+) -> TaskCertificate:
+    """The held-out certificate of one prepared task."""
+    mask, nonfinite = certify_samples(graph, box, task.x_cert, task.y_cert, method=method)
+    return certify_task(
+        mask,
+        task.y_cert,
+        task=task.section.name,
+        metric=task.section.metric,
+        target=task.target,
+        beta=spec.certify.beta,
+        bound_kind=spec.certify.bound,
+        method=method,
+        n_nonfinite=nonfinite,
+    )
+
+
+def run_lid(
+    spec: Spec,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    on_step: Callable[[SearchStep], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
+    command: str = "",
+) -> LidRun:
+    """Search a box LID for the spec, certify it on held-out data and write the artifacts.
+
+    Writes `out_dir/lid.safetensors`, `out_dir/certificate.json` and `out_dir/history.jsonl`
+    (each atomically). The LID and certificate are written even when the certificate fails.
+    """
+    started = time.time()
+    phase = on_phase or (lambda _message: None)
+    run_device = device or spec.device
+    if run_device.startswith("cuda") and not torch.cuda.is_available():
+        raise SpecError(f"device '{run_device}' requested but CUDA is not available here")
+    model_path = Path(spec.model)
+    graph = load_graph(model_path)
+    names = select_parameters(graph, spec.parameters)
+    phase("preparing data")
+    tasks = [prepare_task(spec, section, graph) for section in spec.tasks]
+    outer = None
+    if spec.outer_box is not None:
+        lid = load_lid(spec.outer_box)
+        check_lid_matches(lid, graph.parameters, source=spec.outer_box)
+        outer = lid.box
+    frozen = _frozen_masks(spec, graph, names)
+    phase(f"searching a box over {sum(graph.parameters[n].numel() for n in names)} parameters")
+    result = search_lid(
+        graph,
+        [t.search for t in tasks],
+        spec.search,
+        names=names,
+        outer=outer,
+        frozen=frozen,
+        device=run_device,
+        on_step=on_step,
+    )
+    phase("certifying on held-out data (float64)")
+    certificates = [
+        certify_prepared(graph, result.box, t, spec, method=spec.certify.method) for t in tasks
+    ]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    theta0 = {n: graph.parameters[n] for n in names}
+    model_sha = file_sha256(model_path)
+    metadata = {
+        "model_sha256": model_sha,
+        "theta0_sha256": tensors_sha256(theta0),
+        "spec_sha256": spec_hash(spec),
+        "certificate": json.dumps([c.to_json() for c in certificates]),
+    }
+    lid_path = out_dir / "lid.safetensors"
+    save_lid(lid_path, result.box, metadata)
+    history = "".join(json.dumps(asdict(step)) + "\n" for step in result.history)
+    write_text_atomic(out_dir / "history.jsonl", history)
+    document = certificate_document(
+        spec=spec,
+        model_path=model_path,
+        model_sha=model_sha,
+        lid_path=lid_path,
+        box=result.box,
+        tasks=tasks,
+        certificates=certificates,
+        result=result,
+        seconds=time.time() - started,
+        command=command,
+    )
+    write_text_atomic(out_dir / "certificate.json", json.dumps(document, indent=2) + "\n")
+    return LidRun(result, certificates, document, out_dir)
+
+
+def certificate_document(
+    *,
+    spec: Spec,
+    model_path: Path,
+    model_sha: str,
+    lid_path: Path,
+    box: Box,
+    tasks: Sequence[PreparedTask],
+    certificates: Sequence[TaskCertificate],
+    result: SearchResult,
+    seconds: float,
+    command: str,
+) -> dict[str, Any]:
+    """The certificate JSON document (schema version 1)."""
+    widths = width_summary(box)
+    holds = all(c.holds for c in certificates)
+    return {
+        "schema_version": CERTIFICATE_SCHEMA_VERSION,
+        "verdict": "holds" if holds else "not met",
+        "holds": holds,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "software": software_versions(),
+        "command": command,
+        "model": {"path": str(model_path), "sha256": model_sha},
+        "lid": {
+            "path": str(lid_path),
+            "sha256": file_sha256(lid_path),
+            "domain": "box",
+            "n_parameters": box.n_parameters(),
+            "mean_width": box.size("mean_width"),
+            "mean_log_width": box.size("mean_log_width"),
+            "total_width": sum(w["total_width"] for w in widths.values()),
+            "per_tensor": widths,
+        },
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec_hash(spec),
+        "statement": (
+            "With probability at least 1 - beta over the draw of the held-out certification "
+            "sample (i.i.d. from the data distribution), every network whose parameters lie in "
+            "the LID has the task's metric at least lower_bound."
+        ),
+        "tasks": [
+            {
+                **cert.to_json(),
+                "clean_metric": task.clean,
+                "search_target": task.search_target,
+                "optimisation_data_sha256": task.opt_sha256,
+                "certification_data_sha256": task.cert_sha256,
+            }
+            for task, cert in zip(tasks, certificates, strict=True)
+        ],
+        "search": {
+            "iterations": len(result.history),
+            "chosen": result.chosen,
+            "optimisation_hard_metric": list(result.hard),
+            "feasible_on_optimisation_data": result.feasible,
+            "checkpoints": [
+                {"iteration": c.iteration, "hard": list(c.hard), "mean_width": c.mean_width}
+                for c in result.checkpoints
+            ],
+            "seconds": seconds,
+        },
+    }
+
+
+def run_certify(
+    model_path: Path,
+    lid_path: Path,
+    data_ref: str,
+    *,
+    split: str,
+    data_dir: Path | None,
+    target: float | None,
+    beta: float,
+    bound_kind: str,
+    method: CertMethod,
+    metric: str = "accuracy",
+) -> dict[str, Any]:
+    """Re-certify any LID on any data: every sample of the data set counts as held out.
+
+    The caller is responsible for the data being held out from the LID's search; the result
+    records its hash.
+    """
+    graph = load_graph(model_path)
+    lid = load_lid(lid_path)
+    check_lid_matches(lid, graph.parameters, source=str(lid_path))
+    data = validate_for_model(load_dataset(data_ref, split=split, data_dir=data_dir), graph)
+    mask, nonfinite = certify_samples(graph, lid.box, data.x, data.y, method=method)
+    cert = certify_task(
+        mask,
+        data.y,
+        task=data.name,
+        metric=metric,  # type: ignore[arg-type]
+        target=0.0 if target is None else target,
+        beta=beta,
+        bound_kind=bound_kind,  # type: ignore[arg-type]
+        method=method,
+        n_nonfinite=nonfinite,
+    )
+    doc = cert.to_json()
+    doc.update(
+        holds=cert.holds if target is not None else None,
+        verdict=("holds" if cert.holds else "not met") if target is not None else "computed",
+        model_sha256=file_sha256(model_path),
+        lid_sha256=file_sha256(lid_path),
+        data_sha256=data.source_sha256,
+        lid_model_match=lid.model_sha256 == file_sha256(model_path),
+    )
+    return doc
+
+
+def box_from_lid(path: Path, parameters: Mapping[str, Tensor]) -> Box:
+    """Load a LID's box after checking it fits the parameters."""
+    lid = load_lid(path)
+    check_lid_matches(lid, parameters, source=str(path))
+    return lid.box

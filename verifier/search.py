@@ -1,0 +1,395 @@
+"""Primal-dual search for a maximal box LID, then shrink-to-feasible.
+
+Maximise a size S(T) of the box T = [θ0 - d_lo, θ0 + d_hi] subject to one soft-accuracy
+constraint per task, g_i = τ'_i - SoftAcc_i(T) <= 0, with the augmented Lagrangian
+L = -S + Σ λ_i g_i + (ρ_i / 2) [g_i]_+^2 (paper, arXiv 2512.01899, §4):
+
+* primal: Adam on (d_lo, d_hi) with learning rate η/p times a shared multiplier that shrinks
+  (×0.9) while any hard constraint on the batch is violated and grows (×1.02) while all hold;
+  after each step the widths are projected (non-negative, frozen entries 0, inside an outer
+  box, at most `max_width`);
+* dual: λ_i <- max(0, λ_i + η_d (τ'_i - HardAcc_i)) on the batch's hard certified accuracy;
+  ρ_i grows by `penalty_growth` while violated.
+
+Every `checkpoint_every` iterations the box is a candidate with its float64 hard certified
+accuracy on the whole optimisation part. Beyond the paper, the returned box always meets τ'
+on the optimisation part: the largest feasible candidate, or the final box shrunk toward θ0
+by bisection on a scale factor until it is feasible, whichever is larger. Box corners are
+rounded inward to float32 so that projected float32 weights lie exactly inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from verifier.bounds.ibp import margin_bounds
+from verifier.certify import Metric, certify_samples, empirical_metric
+from verifier.domains.box import Box
+from verifier.graph import Graph
+from verifier.spec import SearchSection
+
+SHRINK_STEPS = 14
+LR_SCALE_RANGE = (1e-2, 1e2)
+LR_SLOW, LR_FAST = 0.9, 1.02
+
+
+@dataclass(frozen=True, eq=False)
+class SearchTask:
+    """One constraint as the search sees it: the target τ', the samples whose bounds drive the
+    gradient (x, y) and the validation samples (x_val, y_val) that, together with them, decide
+    which candidate is feasible. Both are parts of the optimisation data, never held-out data.
+    """
+
+    name: str
+    metric: Metric
+    target: float
+    x: Tensor
+    y: Tensor
+    x_val: Tensor
+    y_val: Tensor
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """What one iteration did; handed to `on_step` and written to history.jsonl."""
+
+    iteration: int
+    mean_width: float
+    size: float
+    soft: tuple[float, ...]
+    hard: tuple[float, ...]
+    lam: tuple[float, ...]
+    lr_scale: float
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A candidate LID with its float64 hard certified metric per task (optimisation part)."""
+
+    iteration: int
+    box: Box
+    hard: tuple[float, ...]
+    mean_width: float
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """The chosen LID and how it was chosen."""
+
+    box: Box
+    hard: tuple[float, ...]
+    feasible: bool
+    chosen: str
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    history: list[SearchStep] = field(default_factory=list)
+
+
+def inward_float32(box: Box) -> Box:
+    """Round corners to float32 toward the inside of the box (a subset: still sound).
+
+    The corners are returned as float64 tensors holding float32-representable values.
+    """
+    lower, upper = {}, {}
+    for name, lo in box.lower.items():
+        lo64, up64 = lo.to(torch.float64), box.upper[name].to(torch.float64)
+        lo32, up32 = lo64.to(torch.float32), up64.to(torch.float32)
+        inf = torch.tensor(float("inf"), dtype=torch.float32, device=lo32.device)
+        lo32 = torch.where(lo32.to(torch.float64) < lo64, torch.nextafter(lo32, inf), lo32)
+        up32 = torch.where(up32.to(torch.float64) > up64, torch.nextafter(up32, -inf), up32)
+        lower[name], upper[name] = lo32.to(torch.float64), up32.to(torch.float64)
+    return Box(lower, upper)
+
+
+def hard_metrics(
+    graph: Graph, box: Box, tasks: Sequence[SearchTask], *, chunk_size: int = 512
+) -> tuple[float, ...]:
+    """Float64 hard certified metric of each task: the smaller of its value on the gradient
+    samples and on the validation samples (a candidate is feasible only if both meet τ')."""
+    out = []
+    for task in tasks:
+        values = []
+        for x, y in ((task.x, task.y), (task.x_val, task.y_val)):
+            if x.shape[0] == 0:
+                continue
+            mask, _ = certify_samples(graph, box, x, y, chunk_size=chunk_size)
+            values.append(empirical_metric(mask, y.to(mask.device), task.metric))
+        out.append(min(values))
+    return tuple(out)
+
+
+def fisher_importance(
+    graph: Graph, names: Sequence[str], x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher information E[(∂ log p(y|x) / ∂θ)^2] of the named parameters."""
+    from torch.func import grad, vmap
+
+    params = {n: graph.parameters[n].to(x.device) for n in names}
+
+    def log_prob(theta: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:
+        logits = graph.forward(xi.unsqueeze(0), theta)
+        return torch.log_softmax(logits, dim=1)[0, yi]
+
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    for start in range(0, x.shape[0], 128):
+        grads = vmap(grad(log_prob), in_dims=(None, 0, 0))(
+            params, x[start : start + 128], y[start : start + 128]
+        )
+        for n in names:
+            total[n] += grads[n].pow(2).sum(0)
+    return {n: t / max(x.shape[0], 1) for n, t in total.items()}
+
+
+def frozen_by_importance(importance: Mapping[str, Tensor], fraction: float) -> dict[str, Tensor]:
+    """Masks (True = frozen) of the `fraction` of entries with the lowest importance."""
+    flat = torch.cat([v.flatten() for v in importance.values()])
+    n_freeze = int(fraction * flat.numel())
+    if n_freeze == 0:
+        return {n: torch.zeros_like(v, dtype=torch.bool) for n, v in importance.items()}
+    threshold = torch.kthvalue(flat, n_freeze).values
+    return {n: v <= threshold for n, v in importance.items()}
+
+
+class _Widths:
+    """The search variables d_lo, d_hi >= 0 and their projection."""
+
+    def __init__(
+        self,
+        theta0: Mapping[str, Tensor],
+        config: SearchSection,
+        outer: Box | None,
+        frozen: Mapping[str, Tensor] | None,
+    ) -> None:
+        init = config.init_width / 2
+        self.theta0 = dict(theta0)
+        self.d_lo = {n: torch.full_like(t, init).requires_grad_(True) for n, t in theta0.items()}
+        self.d_hi = {n: torch.full_like(t, init).requires_grad_(True) for n, t in theta0.items()}
+        self.max_width = config.max_width
+        self.cap_lo: dict[str, Tensor] = {}
+        self.cap_hi: dict[str, Tensor] = {}
+        for n, t in theta0.items():
+            cap_lo = torch.full_like(t, float("inf"))
+            cap_hi = torch.full_like(t, float("inf"))
+            if outer is not None and n in outer.lower:
+                cap_lo = (t.double() - outer.lower[n].to(t.device).double()).clamp(min=0).float()
+                cap_hi = (outer.upper[n].to(t.device).double() - t.double()).clamp(min=0).float()
+            if frozen is not None and n in frozen:
+                mask = frozen[n].to(t.device)
+                cap_lo = torch.where(mask, torch.zeros_like(t), cap_lo)
+                cap_hi = torch.where(mask, torch.zeros_like(t), cap_hi)
+            self.cap_lo[n], self.cap_hi[n] = cap_lo, cap_hi
+        self.project()
+
+    def variables(self) -> list[Tensor]:
+        return list(self.d_lo.values()) + list(self.d_hi.values())
+
+    @torch.no_grad()
+    def project(self) -> None:
+        for n in self.d_lo:
+            lo, hi = self.d_lo[n], self.d_hi[n]
+            lo.clamp_(min=0).copy_(torch.minimum(lo, self.cap_lo[n]))
+            hi.clamp_(min=0).copy_(torch.minimum(hi, self.cap_hi[n]))
+            if self.max_width is not None:
+                total = lo + hi
+                factor = torch.where(
+                    total > self.max_width, self.max_width / total.clamp(min=1e-30), 1.0
+                )
+                lo.mul_(factor)
+                hi.mul_(factor)
+
+    def corners(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        lower = {n: self.theta0[n] - self.d_lo[n] for n in self.d_lo}
+        upper = {n: self.theta0[n] + self.d_hi[n] for n in self.d_hi}
+        return lower, upper
+
+    def size(self, kind: str, free: Tensor) -> Tensor:
+        widths = torch.cat([(self.d_lo[n] + self.d_hi[n]).flatten() for n in self.d_lo])
+        if kind == "mean_width":
+            return widths.sum() / free.clamp(min=1)
+        return (torch.log(widths + 1e-12) * (widths > 0)).sum() / free.clamp(min=1)
+
+    @torch.no_grad()
+    def box(self) -> Box:
+        lower = {n: self.theta0[n].double() - self.d_lo[n].double() for n in self.d_lo}
+        upper = {n: self.theta0[n].double() + self.d_hi[n].double() for n in self.d_hi}
+        return inward_float32(Box(lower, upper))
+
+
+def _soft_and_hard(
+    graph: Graph,
+    lower: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor],
+    task: SearchTask,
+    idx: Tensor,
+    config: SearchSection,
+) -> tuple[Tensor, float]:
+    xb, yb = task.x[idx], task.y[idx]
+    bounds = margin_bounds(graph, lower, upper, xb, yb, rule=config.bound)
+    neg = -config.temperature * bounds.lower
+    zeros = torch.zeros_like(neg[:, :1])
+    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
+    hard_mask = bounds.certified()
+    if task.metric == "accuracy":
+        soft = prob.mean()
+    else:
+        classes = torch.unique(yb)
+        soft = torch.stack([prob[yb == c].mean() for c in classes]).mean()
+    return soft, empirical_metric(hard_mask, yb, task.metric)
+
+
+def _scale_box(box: Box, theta0: Mapping[str, Tensor], factor: float) -> Box:
+    return inward_float32(box.scaled({n: t.double() for n, t in theta0.items()}, factor))
+
+
+def shrink_to_feasible(
+    graph: Graph,
+    box: Box,
+    theta0: Mapping[str, Tensor],
+    tasks: Sequence[SearchTask],
+) -> tuple[Box, tuple[float, ...], float]:
+    """Largest scale s in [0, 1] (bisection) such that θ0 + s (T - θ0) meets every target.
+
+    Inclusion-isotone bounds make certification monotone in s, so bisection is valid.
+
+    Returns:
+        (box, its hard metrics, s); s = 0 with the point box when even θ0 fails.
+    """
+    hard = hard_metrics(graph, box, tasks)
+    if all(h >= t.target for h, t in zip(hard, tasks, strict=True)):
+        return box, hard, 1.0
+    lo, hi = 0.0, 1.0
+    best = _scale_box(box, theta0, 0.0)
+    best_hard = hard_metrics(graph, best, tasks)
+    for _ in range(SHRINK_STEPS):
+        mid = (lo + hi) / 2
+        candidate = _scale_box(box, theta0, mid)
+        mid_hard = hard_metrics(graph, candidate, tasks)
+        if all(h >= t.target for h, t in zip(mid_hard, tasks, strict=True)):
+            lo, best, best_hard = mid, candidate, mid_hard
+        else:
+            hi = mid
+    return best, best_hard, lo
+
+
+def search_lid(
+    graph: Graph,
+    tasks: Sequence[SearchTask],
+    config: SearchSection,
+    *,
+    names: Sequence[str],
+    outer: Box | None = None,
+    frozen: Mapping[str, Tensor] | None = None,
+    device: str | torch.device = "cpu",
+    generator: torch.Generator | None = None,
+    on_step: Callable[[SearchStep], None] | None = None,
+) -> SearchResult:
+    """Search a large box around the graph's weights that meets every task's target.
+
+    Args:
+        graph: the network; its parameters are θ0.
+        tasks: constraints with their optimisation samples (never the held-out part).
+        config: search settings.
+        names: the boxed parameters (the rest stay fixed).
+        outer: the box must lie inside this one (task sequences).
+        frozen: per-parameter masks of entries kept at width 0.
+        device: where the search runs.
+        generator: randomness of the mini-batches (default: seeded from config.seed).
+        on_step: progress callback.
+
+    Returns:
+        The chosen box (feasible on the optimisation part unless even θ0 is not), its hard
+        metrics, the checkpoints and the per-iteration history.
+    """
+    gen = generator or torch.Generator().manual_seed(config.seed)
+    theta0 = {n: graph.parameters[n].to(device=device, dtype=torch.float32) for n in names}
+    tasks = [
+        SearchTask(
+            t.name,
+            t.metric,
+            t.target,
+            t.x.to(device, torch.float32),
+            t.y.to(device),
+            t.x_val.to(device, torch.float32),
+            t.y_val.to(device),
+        )
+        for t in tasks
+    ]
+    widths = _Widths(theta0, config, outer, frozen)
+    p = sum(t.numel() for t in theta0.values())
+    free = torch.tensor(
+        float(sum(int((widths.cap_lo[n] + widths.cap_hi[n] > 0).sum()) for n in theta0))
+    )
+    optimiser = torch.optim.Adam(widths.variables(), lr=config.lr / max(p, 1))
+    lam = [0.0 for _ in tasks]
+    rho = [config.penalty for _ in tasks]
+    lr_scale = 1.0
+    history: list[SearchStep] = []
+    checkpoints: list[Checkpoint] = []
+    for it in range(1, config.iterations + 1):
+        lower, upper = widths.corners()
+        loss = -widths.size(config.size, free)
+        softs, hards = [], []
+        for i, task in enumerate(tasks):
+            n = task.x.shape[0]
+            idx = torch.randperm(n, generator=gen)[: config.batch_size].to(device)
+            soft, hard = _soft_and_hard(graph, lower, upper, task, idx, config)
+            g = task.target - soft
+            loss = loss + lam[i] * g + rho[i] / 2 * torch.relu(g) ** 2
+            softs.append(float(soft.detach()))
+            hards.append(hard)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in optimiser.param_groups:
+            group["lr"] = config.lr / max(p, 1) * lr_scale
+        optimiser.step()
+        widths.project()
+        violated = False
+        for i, task in enumerate(tasks):
+            violation = task.target - hards[i]
+            lam[i] = max(0.0, lam[i] + config.dual_lr * violation)
+            if violation > 0:
+                rho[i] *= config.penalty_growth
+                violated = True
+        lr_scale = lr_scale * (LR_SLOW if violated else LR_FAST)
+        lr_scale = min(max(lr_scale, LR_SCALE_RANGE[0]), LR_SCALE_RANGE[1])
+        with torch.no_grad():
+            mean_width = float(widths.size("mean_width", torch.tensor(float(p))))
+            size = float(widths.size(config.size, free))
+        step = SearchStep(it, mean_width, size, tuple(softs), tuple(hards), tuple(lam), lr_scale)
+        history.append(step)
+        if on_step is not None:
+            on_step(step)
+        if it % config.checkpoint_every == 0 or it == config.iterations:
+            box = widths.box()
+            checkpoints.append(Checkpoint(it, box, hard_metrics(graph, box, tasks), mean_width))
+    return _choose(graph, theta0, widths.box(), checkpoints, tasks, config, history)
+
+
+def _choose(
+    graph: Graph,
+    theta0: Mapping[str, Tensor],
+    final: Box,
+    checkpoints: list[Checkpoint],
+    tasks: Sequence[SearchTask],
+    config: SearchSection,
+    history: list[SearchStep],
+) -> SearchResult:
+    def meets(hard: Sequence[float]) -> bool:
+        return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
+
+    if not config.shrink:
+        hard = checkpoints[-1].hard if checkpoints else hard_metrics(graph, final, tasks)
+        return SearchResult(final, hard, meets(hard), "final box (no shrink)", checkpoints, history)
+    feasible = [c for c in checkpoints if meets(c.hard)]
+    best_ck = max(feasible, key=lambda c: c.box.size(config.size), default=None)
+    shrunk, shrunk_hard, factor = shrink_to_feasible(graph, final, theta0, tasks)
+    if best_ck is not None and best_ck.box.size(config.size) >= shrunk.size(config.size):
+        return SearchResult(
+            best_ck.box, best_ck.hard, True, f"checkpoint {best_ck.iteration}", checkpoints,
+            history,
+        )
+    chosen = "final box" if factor == 1.0 else f"final box shrunk by {factor:.4f}"
+    return SearchResult(shrunk, shrunk_hard, meets(shrunk_hard), chosen, checkpoints, history)

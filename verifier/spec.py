@@ -1,0 +1,238 @@
+"""Spec files (specs/*.yaml) to validated, frozen configuration objects.
+
+Every key has a documented default (see specs/reference.yaml); unknown keys are errors. Any
+validation failure becomes one `SpecError` naming the file, the key path, what was expected and
+what was found. Relative paths in a spec are resolved against the spec file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from verifier.errors import SpecError
+
+TARGET_PATTERN = re.compile(r"^\s*acc\s*-\s*([0-9]*\.?[0-9]+)\s*$")
+
+
+class _Section(BaseModel, extra="forbid", frozen=True, validate_default=True):
+    """Base of every spec section: unknown keys are errors, defaults are validated."""
+
+
+class DataSection(_Section):
+    """Where a task's samples come from."""
+
+    name: str = Field(description="Built-in data set (digits, mnist, cifar10) or an .npz path.")
+    split: str = "test"
+    classes: tuple[int, ...] | None = Field(
+        None, description="Keep only these labels (split tasks); None keeps all."
+    )
+    data_dir: str | None = None
+
+
+class TaskSection(_Section):
+    """One constraint: (balanced) accuracy on a data set at least a target."""
+
+    name: str = "task"
+    metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"
+    target: float | str = Field(
+        "acc - 0.05",
+        description="Absolute τ in (0, 1], or 'acc - δ' relative to the clean accuracy.",
+    )
+    data: DataSection | None = None
+
+    @field_validator("target")
+    @classmethod
+    def _check_target(cls, value: float | str) -> float | str:
+        if isinstance(value, str):
+            if TARGET_PATTERN.match(value) is None:
+                raise ValueError(f"target must be a number in (0, 1] or 'acc - δ'; got '{value}'")
+            return value
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"target must be in (0, 1]; got {value}")
+        return value
+
+    def resolve_target(self, clean: float) -> float:
+        """τ as a number, given the clean metric of the current weights."""
+        if isinstance(self.target, str):
+            match = TARGET_PATTERN.match(self.target)
+            assert match is not None  # validated above
+            return clean - float(match.group(1))
+        return float(self.target)
+
+
+class ImportanceSection(_Section):
+    """Freezing the least important parameters (Fisher or Synaptic-Intelligence importance)."""
+
+    kind: Literal["none", "fisher", "si"] = "none"
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="q: fraction of entries frozen.")
+    lookahead: DataSection | None = Field(
+        None, description="Next task's data: freeze the q entries least important for it."
+    )
+    n_samples: int = Field(512, ge=1)
+
+
+class SearchSection(_Section):
+    """The primal-dual LID search."""
+
+    iterations: int = Field(300, ge=0)
+    batch_size: int = Field(500, ge=1)
+    lr: float = Field(0.05, gt=0.0, description="η: primal Adam learning rate is η / sqrt(p).")
+    dual_lr: float = Field(0.5, gt=0.0, description="η_d: dual ascent step on hard violation.")
+    penalty: float = Field(10.0, ge=0.0, description="ρ0 of the augmented Lagrangian.")
+    penalty_growth: float = Field(1.01, ge=1.0)
+    temperature: float = Field(10.0, gt=0.0, description="t of the soft-accuracy surrogate.")
+    size: Literal["mean_width", "mean_log_width"] = "mean_width"
+    checkpoint_every: int = Field(20, ge=1)
+    max_width: float | None = Field(None, gt=0.0)
+    bound: Literal["ibp", "midrad"] = "ibp"
+    init_width: float = Field(1e-6, ge=0.0)
+    target_slack: Literal["auto"] | float = Field(
+        "auto",
+        description="Search for τ + slack on the optimisation part; 'auto' picks the rate whose "
+        "held-out Clopper-Pearson bound would still meet τ.",
+    )
+    shrink: bool = True
+    validation_fraction: float = Field(
+        0.3,
+        ge=0.0,
+        lt=1.0,
+        description="Part of the optimisation data kept out of the gradient and used, with the "
+        "rest, to choose and shrink the box (guards against a box that fits its batch only).",
+    )
+    seed: int = 0
+    importance: ImportanceSection = ImportanceSection()
+
+    @field_validator("target_slack")
+    @classmethod
+    def _check_slack(cls, value: str | float) -> str | float:
+        if isinstance(value, float | int) and not 0.0 <= value < 1.0:
+            raise ValueError(f"target_slack must be 'auto' or in [0, 1); got {value}")
+        return value
+
+
+class CertifySection(_Section):
+    """The held-out finite-sample certificate."""
+
+    certification_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    n_samples: int | None = Field(
+        None, ge=1, description="Cap on held-out samples (default: the whole held-out part)."
+    )
+    beta: float = Field(1e-3, gt=0.0, lt=0.5)
+    bound: Literal["clopper-pearson", "hoeffding"] = "clopper-pearson"
+    method: Literal["ibp", "midrad", "crown-ibp", "best"] = "ibp"
+    split_seed: int = 0
+
+
+class Spec(_Section):
+    """A whole job: model, parameters boxed, tasks, domain, search and certificate settings."""
+
+    model: str
+    data: DataSection
+    parameters: Literal["all"] | tuple[str, ...] = "all"
+    tasks: tuple[TaskSection, ...] = (TaskSection(),)
+    domain: Literal["box"] = "box"
+    outer_box: str | None = Field(None, description="LID file the new box must lie inside.")
+    search: SearchSection = SearchSection()
+    certify: CertifySection = CertifySection()
+    device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> Spec:
+        if not self.tasks:
+            raise ValueError("tasks must list at least one constraint")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"task names must be unique; got {names}")
+        return self
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{path}: unknown key '{where}'; see specs/reference.yaml for the known keys"
+    if kind == "missing":
+        return f"{path}: missing key '{where}'"
+    message = first["msg"].removeprefix("Value error, ")
+    found = first.get("input")
+    found_text = f"; got {found!r}" if not isinstance(found, dict | list) else ""
+    return f"{path}: {where}: {message}{found_text if 'got' not in message else ''}"
+
+
+def parse_spec(raw: Any, *, source: Path) -> Spec:
+    """Validate a decoded YAML document as a Spec.
+
+    Raises:
+        SpecError: naming the file, the key path, what was expected and what was found.
+    """
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: expected a mapping of keys at the top level")
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(_format_error(source, err)) from None
+
+
+def load_spec(path: Path) -> Spec:
+    """Read and validate a spec file; relative paths become relative to its folder.
+
+    Raises:
+        SpecError: missing, unreadable or malformed file, or an invalid key.
+    """
+    if not path.is_file():
+        raise SpecError(f"{path}: spec file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    spec = parse_spec(raw, source=path)
+    return resolve_paths(spec, path.parent)
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(value)
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_data(data: DataSection | None, base: Path) -> DataSection | None:
+    if data is None:
+        return None
+    updates: dict[str, Any] = {}
+    if data.name.endswith(".npz"):
+        updates["name"] = _resolve(data.name, base)
+    if data.data_dir is not None:
+        updates["data_dir"] = _resolve(data.data_dir, base)
+    return data.model_copy(update=updates) if updates else data
+
+
+def resolve_paths(spec: Spec, base: Path) -> Spec:
+    """Make the model, data and outer-box paths of a spec absolute, relative to `base`."""
+    tasks = tuple(t.model_copy(update={"data": _resolve_data(t.data, base)}) for t in spec.tasks)
+    importance = spec.search.importance
+    importance = importance.model_copy(
+        update={"lookahead": _resolve_data(importance.lookahead, base)}
+    )
+    search = spec.search.model_copy(update={"importance": importance})
+    return spec.model_copy(
+        update={
+            "model": _resolve(spec.model, base),
+            "data": _resolve_data(spec.data, base),
+            "tasks": tasks,
+            "outer_box": None if spec.outer_box is None else _resolve(spec.outer_box, base),
+            "search": search,
+        }
+    )
+
+
+def spec_hash(spec: Spec) -> str:
+    """sha256 of the normalised spec (JSON with sorted keys)."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
