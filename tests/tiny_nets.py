@@ -52,7 +52,7 @@ def random_mlp(
 
 
 def random_cnn(generator: torch.Generator, dtype: torch.dtype = torch.float64) -> Graph:
-    """Conv(1->2, 3x3)-ReLU-Conv(2->2, 3x3, stride 2)-ReLU-Reshape(18)-Linear(18->3), 1x8x8 input.
+    """Conv(1->2, 3x3)-ReLU-Conv(2->2, 3x3, stride 2)-ReLU-Reshape(18)-Linear(18->3), 1x9x9 input.
 
     Args:
         generator: source of randomness.
@@ -86,7 +86,7 @@ def random_cnn(generator: torch.Generator, dtype: torch.dtype = torch.float64) -
         ops=ops,
         parameters=parameters,
         input_name="input",
-        input_shape=(1, 8, 8),
+        input_shape=(1, 9, 9),
         output_name="logits",
         n_classes=3,
     )

@@ -144,9 +144,7 @@ def certify_samples(
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool), nonfinite
 
 
-def _proofs(
-    graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod
-) -> list[MarginBounds]:
+def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) -> list[MarginBounds]:
     out = []
     if method in ("ibp", "best"):
         out.append(margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True))
@@ -157,8 +155,8 @@ def _proofs(
     if method in ("crown-ibp", "best"):
         from verifier.bounds.lirpa import lirpa_margin_bounds
 
-        ibp = out[0] if out else margin_bounds(
-            graph, box.lower, box.upper, x, y, track_rounding=True
+        ibp = (
+            out[0] if out else margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True)
         )
         lower = lirpa_margin_bounds(graph, box.lower, box.upper, x, y, method="crown-ibp")
         # auto_LiRPA tracks no rounding: allow 1000x the interval pass's float64 error bound,
@@ -203,7 +201,9 @@ def certify_task(
     for label in labels:
         sel = y == label
         nc, kc = int(sel.sum()), int(certified[sel].sum())
-        per_class.append(ClassCount(label, nc, kc, proportion_lower(kc, nc, class_beta, bound_kind)))
+        per_class.append(
+            ClassCount(label, nc, kc, proportion_lower(kc, nc, class_beta, bound_kind))
+        )
     if metric == "accuracy":
         lower = proportion_lower(k, n, beta, bound_kind)
     else:

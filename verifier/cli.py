@@ -95,22 +95,46 @@ def inspect(
         click.echo(render_inspection(summary))
 
 
-def _progress(total: int) -> tuple[Callable[[Any], None], Callable[[], None]]:
-    """A tqdm bar on stderr for the search; returns (on_step, close)."""
+def _progress(
+    total: int,
+) -> tuple[Callable[[Any], None], Callable[[str], None], Callable[[], None]]:
+    """A tqdm bar on stderr for the search; returns (on_step, on_phase, close).
+
+    The bar opens at the first search step and closes before the next phase message, so a
+    message (or an input error before the search) never lands on the bar's line.
+    """
     from tqdm import tqdm
 
-    bar = tqdm(
-        total=total, desc="LID search", unit="it", file=sys.stderr, leave=False, mininterval=0.5
-    )
+    bar: Any = None
 
     def on_step(step: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                desc="LID search",
+                unit="it",
+                file=sys.stderr,
+                leave=False,
+                mininterval=0.5,
+            )
         bar.update(1)
         hard = ",".join(f"{h:.3f}" for h in step.hard)
         soft = ",".join(f"{s:.3f}" for s in step.soft)
         lam = ",".join(f"{v:.2f}" for v in step.lam)
         bar.set_postfix_str(f"width={step.mean_width:.4g} soft={soft} hard={hard} λ={lam}")
 
-    return on_step, bar.close
+    def close() -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+
+    def on_phase(message: str) -> None:
+        close()
+        click.echo(message, err=True)
+
+    return on_step, on_phase, close
 
 
 def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) -> bool:
@@ -118,14 +142,14 @@ def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) 
     from verifier.spec import load_spec
 
     spec = load_spec(spec_path)
-    on_step, close = _progress(spec.search.iterations)
+    on_step, on_phase, close = _progress(spec.search.iterations)
     try:
         run = run_lid(
             spec,
             out_dir,
             device=device,
             on_step=on_step,
-            on_phase=lambda message: click.echo(message, err=True),
+            on_phase=on_phase,
             command=" ".join(["verifier", *sys.argv[1:]]),
         )
     finally:

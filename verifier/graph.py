@@ -202,35 +202,49 @@ def conv2d(op: Conv, x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight, None, op.strides, 0, op.dilations, op.groups)
 
 
+def pool_output_size(
+    size: int, kernel: int, stride: int, pad_begin: int, pad_end: int, dilation: int, ceil: bool
+) -> int:
+    """Output length of one pooled axis, as torch and onnxruntime compute it.
+
+    With ceil_mode, a window that would start in the end padding is dropped (ONNX MaxPool and
+    AveragePool since opset 19 say the same; onnx's own shape inference does not apply this).
+    """
+    span = size + pad_begin + pad_end - ((kernel - 1) * dilation + 1)
+    out = (span + (stride - 1 if ceil else 0)) // stride + 1
+    if ceil and (out - 1) * stride >= size + pad_begin:
+        out -= 1
+    return out
+
+
 def pool2d(op: Pool, x: Tensor) -> Tensor:
     """Pooling of a point tensor; monotone, so it also maps interval corners."""
     top, left, bottom, right = op.pads
-    symmetric = top == bottom and left == right
-    if op.function == "max":
-        if not symmetric:
-            x = F.pad(x, (left, right, top, bottom), value=float("-inf"))
-            top = left = 0
-        return F.max_pool2d(
-            x, op.kernel, op.strides, (top, left), op.dilations, ceil_mode=op.ceil_mode
+    (kh, kw), (sh, sw), (dh, dw) = op.kernel, op.strides, op.dilations
+    # torch pads natively only symmetric pads of at most half the kernel; otherwise pad
+    # explicitly and crop the windows torch then adds past the end under ceil_mode
+    if top == bottom and left == right and top <= kh // 2 and left <= kw // 2:
+        if op.function == "max":
+            return F.max_pool2d(
+                x, op.kernel, op.strides, (top, left), op.dilations, ceil_mode=op.ceil_mode
+            )
+        return F.avg_pool2d(
+            x, op.kernel, op.strides, (top, left), op.ceil_mode, op.count_include_pad
         )
-    if not symmetric:
-        if not op.count_include_pad:
-            ones = torch.ones_like(x[:1, :1])
-            sums = F.avg_pool2d(
-                F.pad(x, (left, right, top, bottom)), op.kernel, op.strides, 0, op.ceil_mode, True
-            )
-            counts = F.avg_pool2d(
-                F.pad(ones, (left, right, top, bottom)),
-                op.kernel,
-                op.strides,
-                0,
-                op.ceil_mode,
-                True,
-            )
-            return sums / counts
-        x = F.pad(x, (left, right, top, bottom))
-        top = left = 0
-    return F.avg_pool2d(x, op.kernel, op.strides, (top, left), op.ceil_mode, op.count_include_pad)
+    out_h = pool_output_size(x.shape[-2], kh, sh, top, bottom, dh, op.ceil_mode)
+    out_w = pool_output_size(x.shape[-1], kw, sw, left, right, dw, op.ceil_mode)
+    pad = (left, right, top, bottom)
+    if op.function == "max":
+        padded = F.pad(x, pad, value=float("-inf"))
+        out = F.max_pool2d(padded, op.kernel, op.strides, 0, op.dilations, ceil_mode=op.ceil_mode)
+    elif op.count_include_pad:
+        out = F.avg_pool2d(F.pad(x, pad), op.kernel, op.strides, 0, op.ceil_mode, True)
+    else:
+        ones = torch.ones_like(x[:1, :1])
+        sums = F.avg_pool2d(F.pad(x, pad), op.kernel, op.strides, 0, op.ceil_mode, True)
+        counts = F.avg_pool2d(F.pad(ones, pad), op.kernel, op.strides, 0, op.ceil_mode, True)
+        out = sums / counts
+    return out[..., :out_h, :out_w]
 
 
 def apply_elementwise(op: Elementwise, x: Tensor) -> Tensor:

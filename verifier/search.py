@@ -388,7 +388,11 @@ def _choose(
     shrunk, shrunk_hard, factor = shrink_to_feasible(graph, final, theta0, tasks)
     if best_ck is not None and best_ck.box.size(config.size) >= shrunk.size(config.size):
         return SearchResult(
-            best_ck.box, best_ck.hard, True, f"checkpoint {best_ck.iteration}", checkpoints,
+            best_ck.box,
+            best_ck.hard,
+            True,
+            f"checkpoint {best_ck.iteration}",
+            checkpoints,
             history,
         )
     chosen = "final box" if factor == 1.0 else f"final box shrunk by {factor:.4f}"

@@ -11,10 +11,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from verifier.errors import SpecError
 
@@ -143,19 +143,53 @@ class Spec(_Section):
     certify: CertifySection = CertifySection()
     device: str = "cpu"
 
-    @model_validator(mode="after")
-    def _check_tasks(self) -> Spec:
-        if not self.tasks:
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, tasks: tuple[TaskSection, ...]) -> tuple[TaskSection, ...]:
+        # a field validator (not a model validator) so that the error names the key `tasks`
+        if not tasks:
             raise ValueError("tasks must list at least one constraint")
-        names = [t.name for t in self.tasks]
+        names = [t.name for t in tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"task names must be unique; got {names}")
-        return self
+        return tasks
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    """The spec section inside a field's type (`X`, `X | None`, `tuple[X, ...]`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        section = _section_of(arg)
+        if section is not None:
+            return section
+    return None
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """The YAML key path of a pydantic error location, e.g. `tasks.0.target`.
+
+    Pydantic adds the member of a union it tried (`float`, `literal['auto']`) to the location;
+    those are not keys, so they are dropped: only field names, list indices and unknown keys
+    under a section remain.
+    """
+    parts: list[str] = []
+    model: type[BaseModel] | None = Spec
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(str(item))
+        elif model is not None and item in model.model_fields:
+            parts.append(item)
+            model = _section_of(model.model_fields[item].annotation)
+        elif model is not None:  # an unknown key under a section
+            parts.append(item)
+            model = None
+    return ".".join(parts)
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = _key_path(first["loc"]) or "(top level)"
     kind = first["type"]
     if kind == "extra_forbidden":
         return f"{path}: unknown key '{where}'; see specs/reference.yaml for the known keys"
@@ -191,6 +225,11 @@ def load_spec(path: Path) -> Spec:
         raise SpecError(f"{path}: spec file not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = err.problem or err.context or err.__class__.__name__
+        raise SpecError(f"{path}: not valid YAML{where}: {problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
     spec = parse_spec(raw, source=path)

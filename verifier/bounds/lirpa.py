@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from verifier.bounds.lirpa_compat import apply_lirpa_compat
+from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
 from verifier.errors import BackendError, DomainError
 from verifier.graph import (
     Activation,
@@ -368,7 +368,9 @@ def _check_box(graph: Graph, lower: Mapping[str, Tensor], upper: Mapping[str, Te
             raise DomainError(f"parameter '{name}': lower > upper somewhere")
 
 
-def _effective_box(slot: _Slot, lo: Tensor, hi: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def _effective_box(
+    slot: _Slot, lo: Tensor, hi: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Map an ONNX parameter box to the box of the tensor held by the module.
 
     Layout change is a transpose; the AffineScale is a per-coordinate affine map, so the
@@ -429,7 +431,7 @@ def _build(graph: Graph, boxed: frozenset[str], dtype: torch.dtype) -> _Built:
                     slots[name] = _Slot(op, role, f"{index}.{role}")  # type: ignore[arg-type]
     model = nn.Sequential(*layers).eval()
     example = torch.zeros(2, *graph.input_shape, dtype=dtype)
-    with _quiet():
+    with _quiet(), onnx_opset_restored():
         try:
             module = BoundedModule(model, (example,), bound_opts=_BOUND_OPTS)
         except NotImplementedError as err:
@@ -446,9 +448,7 @@ def _build(graph: Graph, boxed: frozenset[str], dtype: torch.dtype) -> _Built:
     missing = sorted(set(slots) - set(nodes))
     if missing:
         raise BackendError(f"auto_LiRPA dropped the boxed parameters {missing} while tracing")
-    bias_only = any(
-        slot.role == "bias" and slot.op.weight not in boxed for slot in slots.values()
-    )
+    bias_only = any(slot.role == "bias" and slot.op.weight not in boxed for slot in slots.values())
     return _Built(module, nodes, slots, bias_only)
 
 

@@ -51,6 +51,7 @@ import sys
 import types
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -78,34 +79,55 @@ _ARRAYSETOPS_NAMES = (
 def apply_lirpa_compat() -> None:
     """Patch what auto_LiRPA 0.3 needs on torch 2.13 / numpy 2, then import it.
 
-    Idempotent: a second call does nothing. Each patch is applied only when the name it
-    restores is missing, so on an old torch/numpy it is a no-op.
+    Idempotent: a second call does nothing. Patches 1-3 restore a name only where it is
+    missing; patches 4-6 wrap auto_LiRPA methods once and keep their behaviour otherwise.
 
     Raises:
-        BackendError: auto_LiRPA is not installed.
+        BackendError: auto_LiRPA is not installed, or fails to import even with the patches.
     """
     global _applied
     if _applied:
         return
     if importlib.util.find_spec("auto_LiRPA") is None:
         raise BackendError(f"the lirpa backend needs auto_LiRPA; install it with `{INSTALL_HINT}`")
-    _alias_numpy_arraysetops()
-    _add_set_opset_version()
-    _add_node_getitem()
     # record=True keeps the import's warnings (torch.jit.script deprecations) off the caller's
     # filters, and the context restores the filters auto_LiRPA resets to "once" on import.
     with warnings.catch_warnings(record=True):
-        import auto_LiRPA.bound_general
-        import auto_LiRPA.operators.activation
-        import auto_LiRPA.operators.linear
-        import auto_LiRPA.utils
-
+        _alias_numpy_arraysetops()
+        _add_set_opset_version()
+        _add_node_getitem()
+        try:
+            import auto_LiRPA.bound_general
+            import auto_LiRPA.operators.activation
+            import auto_LiRPA.operators.linear
+            import auto_LiRPA.utils
+        except ImportError as err:
+            raise BackendError(
+                f"auto_LiRPA failed to import on torch {torch.__version__} / numpy "
+                f"{np.__version__} ({err}); the lirpa backend supports `{INSTALL_HINT}`"
+            ) from err
     _accept_remove_duplicate(auto_LiRPA.bound_general.BoundedModule)
     _dense_identity_in_weight_backward(
         auto_LiRPA.operators.linear.BoundLinear, auto_LiRPA.utils.eyeC
     )
     _tables_in_bound_dtype(auto_LiRPA.operators.activation.BoundTanh)
     _applied = True
+
+
+@contextmanager
+def onnx_opset_restored() -> Iterator[None]:
+    """Restore torch's ONNX-exporter opset global after auto_LiRPA's tracing sets it to 12.
+
+    auto_LiRPA's graph parser calls ``_set_opset_version(12)`` (patch 2) on every
+    `BoundedModule` build; wrapping the build in this context leaves torch's state as it was.
+    """
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    before = GLOBALS.export_onnx_opset_version
+    try:
+        yield
+    finally:
+        GLOBALS.export_onnx_opset_version = before
 
 
 def _alias_numpy_arraysetops() -> None:
@@ -194,9 +216,7 @@ def _dense_identity_in_weight_backward(cls: type, eye_type: type) -> None:
         y: Any,
     ) -> Any:
         like = input_lb[0]
-        return original(
-            self, dense(last_lA, like), dense(last_uA, like), input_lb, input_ub, x, y
-        )
+        return original(self, dense(last_lA, like), dense(last_uA, like), input_lb, input_ub, x, y)
 
     bound_backward_with_weight._verifier_compat = True  # type: ignore[attr-defined]
     cls.bound_backward_with_weight = bound_backward_with_weight  # type: ignore[attr-defined]
