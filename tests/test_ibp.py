@@ -11,8 +11,8 @@ from torch import Tensor
 
 from tests.oracles import attack_margins, sampled_worst_margins
 from tests.tiny_nets import box_around, random_cnn, random_mlp
-from verifier.bounds.intervals import Interval, enclose_matmul
 from verifier.bounds.ibp import logit_bounds, margin_bounds
+from verifier.bounds.intervals import Interval, enclose_matmul
 from verifier.domains import Box
 from verifier.graph import Graph
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.inliner
 import torch
 from onnx import NodeProto, TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -247,7 +248,7 @@ class _ChainBuilder:
 
     def _add_constant(self, name: str, value: np.ndarray, *, origin: str) -> None:
         if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
-            finite = np.isfinite(value.astype(np.float64))
+            finite = np.isfinite(value if value.dtype.kind == "f" else value.astype(np.float32))
             if not finite.all():
                 raise GraphError(
                     f"{self.path}: {origin} contains NaN or Inf ({int((~finite).sum())} of "
@@ -391,8 +392,8 @@ class _ChainBuilder:
         if source is None:
             return
         op = node.op_type
-        widening = _attrs(node).get("to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
-        if op == "Identity" or (op == "Cast" and widening):
+        to_float = _attrs(node).get("to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
+        if op == "Identity" or (op == "Cast" and to_float):
             self.sources[node.output[0]] = source
         elif op == "Transpose" and self.constants[node.input[0]].ndim == 2:
             if list(_attrs(node).get("perm", [1, 0])) == [1, 0]:
@@ -584,18 +585,19 @@ class _ChainBuilder:
         return self._parameter(node, name, role)
 
     def _bias(self, node: NodeProto, name: str, n_out: int) -> tuple[str | None, np.ndarray | None]:
-        """A bias that is an initializer of n_out values is a parameter; else a constant."""
+        """A bias of n_out values from an initializer is a parameter; else a constant shift.
+
+        Returns (parameter name, None) or (None, shift of shape (n_out,)).
+        """
         value = self.constants[name]
-        if value.size == n_out and value.shape in ((n_out,), (1, n_out)):
-            source = self.sources.get(name)
-            if source is not None and not source[1]:
-                return self._parameter(node, name, "bias")[0], None
-        try:
-            return None, np.broadcast_to(self._constant(node, name), (1, n_out)).reshape(n_out)
-        except ValueError as err:
-            raise self.fail(
-                node, f"its bias '{name}' has shape {value.shape}; expected ({n_out},)"
-            ) from err
+        per_output = value.size == n_out and value.shape[-1:] == (n_out,)
+        source = self.sources.get(name)
+        if per_output and value.ndim <= 2 and source is not None and not source[1]:
+            return self._parameter(node, name, "bias")[0], None
+        if not per_output and value.size != 1:
+            raise self.fail(node, f"its bias '{name}' has shape {value.shape}; expected ({n_out},)")
+        constant = self._constant(node, name).astype(np.float64)
+        return None, np.broadcast_to(constant.reshape(-1), (n_out,)).copy()
 
     def _gemm(self, node: NodeProto, shape: tuple[int, ...]) -> Linear:
         attrs = _attrs(node)
@@ -711,8 +713,8 @@ class _ChainBuilder:
             self._constant(node, i).astype(np.float64) for i in node.input[1:]
         )
         eps = float(attrs.get("epsilon", 1e-5))
-        if not shape or any(v.shape != (shape[0],) for v in (gamma, beta, mean, var)):
-            raise self.fail(node, f"its statistics do not match {shape[0]} channels")
+        if len(shape) < 1 or any(v.shape != (shape[0],) for v in (gamma, beta, mean, var)):
+            raise self.fail(node, f"its statistics do not match the channel axis of {shape}")
         if np.any(var + eps <= 0):
             raise self.fail(node, "its variance + epsilon is not positive")
         k = gamma / np.sqrt(var + eps)

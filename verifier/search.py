@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.intervals import Rule
 from verifier.certify import Metric, certify_samples, empirical_metric
 from verifier.domains.box import Box
 from verifier.graph import Graph
@@ -227,7 +228,8 @@ def _soft_and_hard(
     config: SearchSection,
 ) -> tuple[Tensor, float]:
     xb, yb = task.x[idx], task.y[idx]
-    bounds = margin_bounds(graph, lower, upper, xb, yb, rule=config.bound)
+    rule: Rule = "midrad" if config.bound == "midrad" else "exact"
+    bounds = margin_bounds(graph, lower, upper, xb, yb, rule=rule)
     neg = -config.temperature * bounds.lower
     zeros = torch.zeros_like(neg[:, :1])
     prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -40,7 +41,6 @@ from verifier.graph import (
     conv2d,
     pool2d,
 )
-
 
 UNIT_ROUNDOFF_64 = 2.0**-53
 

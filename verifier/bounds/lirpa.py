@@ -84,6 +84,9 @@ class _LinearLayer(nn.Module):
     the only form whose weight auto_LiRPA can perturb.
     """
 
+    weight: Tensor
+    bias: Tensor
+
     def __init__(self, node: str, weight: Tensor, bias: Tensor, boxed: tuple[bool, bool]) -> None:
         super().__init__()
         self.node = node
@@ -105,6 +108,9 @@ class _LinearLayer(nn.Module):
 
 class _ConvLayer(nn.Module):
     """A Conv with fixed (scale-folded) weights."""
+
+    weight: Tensor
+    bias: Tensor
 
     def __init__(self, op: Conv, weight: Tensor, bias: Tensor) -> None:
         super().__init__()
@@ -138,6 +144,8 @@ class _ActivationLayer(nn.Module):
 
 
 class _ElementwiseLayer(nn.Module):
+    constant: Tensor
+
     def __init__(self, op: Elementwise, constant: Tensor) -> None:
         super().__init__()
         self.register_buffer("constant", constant)
@@ -285,9 +293,12 @@ def lirpa_logit_bounds(
     _check_method(method)
     eye = torch.eye(graph.n_classes, dtype=dtype, device=x.device)
     spec = eye.expand(x.shape[0], -1, -1)
-    lows, ups = [], []
+    lows: list[Tensor] = []
+    ups: list[Tensor] = []
     for x_chunk, c_chunk in _chunks(x, spec, chunk_size):
         low, up = _compute(graph, lower, upper, x_chunk, c_chunk, method, dtype, upper_too=True)
+        if up is None:
+            raise BackendError("auto_LiRPA returned no upper bound")
         lows.append(low)
         ups.append(up)
     if not lows:

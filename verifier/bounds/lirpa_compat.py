@@ -165,7 +165,7 @@ def _add_node_getitem() -> None:
         # kindOf names the typed getter: "f", "i", "s", "t", "fs", "is", "ss", "ts", "g", ...
         return getattr(node, node.kindOf(key))(key)
 
-    torch._C.Node.__getitem__ = _node_getitem  # type: ignore[attr-defined]
+    setattr(torch._C.Node, "__getitem__", _node_getitem)  # noqa: B010 (a dunder on a C type)
 
 
 def _accept_remove_duplicate(cls: type[torch.nn.Module]) -> None:
@@ -191,7 +191,7 @@ def _accept_remove_duplicate(cls: type[torch.nn.Module]) -> None:
     cls._named_members = _named_members  # type: ignore[method-assign]
 
 
-def _dense_identity_in_weight_backward(cls: type, eye_type: type) -> None:
+def _dense_identity_in_weight_backward(cls: type, eye_type: Any) -> None:
     """Patch 5: expand ``eyeC`` specs in the layer's dtype before the weight-perturbed backward."""
     original = cls.__dict__["bound_backward_with_weight"]
     if getattr(original, "_verifier_compat", False):
@@ -201,9 +201,9 @@ def _dense_identity_in_weight_backward(cls: type, eye_type: type) -> None:
         if not isinstance(last_A, eye_type):
             return last_A
         # The same tensor auto_LiRPA builds, (spec, batch, *shape), in like's dtype.
-        n = last_A.shape[0]
-        eye = torch.eye(n, dtype=like.dtype, device=like.device)
-        return eye.view(n, 1, *last_A.shape[2:]).expand(last_A.shape)
+        shape: tuple[int, ...] = tuple(last_A.shape)
+        eye = torch.eye(shape[0], dtype=like.dtype, device=like.device)
+        return eye.view(shape[0], 1, *shape[2:]).expand(shape)
 
     @functools.wraps(original)
     def bound_backward_with_weight(
