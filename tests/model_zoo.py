@@ -227,10 +227,13 @@ def save_helper_model(
 
 
 def matmul_add_reversed(path: Path) -> Path:
-    """MatMul then Add(bias, h) with the bias first, twice."""
+    """offset - x (constant first), x * factor, then MatMul and Add(bias, h) with the bias
+    first, then MatMul and Add(h, bias)."""
     rng = np.random.default_rng(1)
     nodes = [
-        helper.make_node("MatMul", ["input", "w1"], ["h1"], name="mm1"),
+        helper.make_node("Sub", ["offset", "input"], ["centred"], name="sub_from_offset"),
+        helper.make_node("Mul", ["centred", "factor"], ["scaled"], name="mul_factor"),
+        helper.make_node("MatMul", ["scaled", "w1"], ["h1"], name="mm1"),
         helper.make_node("Add", ["b1", "h1"], ["a1"], name="add1"),
         helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="mm2"),
@@ -238,6 +241,7 @@ def matmul_add_reversed(path: Path) -> Path:
     ]
     inits = [_init("w1", (4, 5), rng), _init("b1", (5,), rng)]
     inits += [_init("w2", (5, 3), rng), _init("b2", (3,), rng)]
+    inits += [_init("offset", (4,), rng), _init("factor", (1, 4), rng)]
     return save_helper_model(nodes, inits, path)
 
 
@@ -303,7 +307,7 @@ def folded_constants(path: Path) -> Path:
 
 def conv_same_global_pool(path: Path) -> Path:
     """Conv with auto_pad SAME_UPPER, a BatchNormalization with no affine op before it
-    (after a Relu), GlobalAveragePool, Squeeze of the spatial axes, Gemm."""
+    (after a Relu), GlobalAveragePool, Squeeze of the spatial axes, Unsqueeze, Flatten, Gemm."""
     rng = np.random.default_rng(5)
     bn = [
         numpy_helper.from_array(rng.uniform(0.5, 1.5, 3).astype(np.float32), "bn_scale"),
@@ -325,10 +329,13 @@ def conv_same_global_pool(path: Path) -> Path:
         ),
         helper.make_node("GlobalAveragePool", ["n"], ["g"], name="gap"),
         helper.make_node("Squeeze", ["g", "axes"], ["s"], name="squeeze"),
-        helper.make_node("Gemm", ["s", "fw", "fb"], ["logits"], name="fc", transB=1),
+        helper.make_node("Unsqueeze", ["s", "axis1"], ["u"], name="unsqueeze"),
+        helper.make_node("Flatten", ["u"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], name="fc", transB=1),
     ]
     inits = [_init("cw", (3, 2, 3, 3), rng), _init("cb", (3,), rng), *bn]
     inits += [numpy_helper.from_array(np.array([2, 3], dtype=np.int64), "axes")]
+    inits += [numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1")]
     inits += [_init("fw", (4, 3), rng), _init("fb", (4,), rng)]
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 7, 8])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])]

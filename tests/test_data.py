@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_nets import random_mlp
 
+from tests.tiny_nets import random_mlp
 from verifier.data import (
     Dataset,
     data_sha256,

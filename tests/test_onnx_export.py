@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,10 @@ def test_overwriting_the_source_in_place(export_zoo: dict[str, ZooModel], tmp_pa
     ids=["unknown-name", "wrong-shape", "nan-value"],
 )
 def test_bad_parameters_raise_domain_error(
-    export_zoo: dict[str, ZooModel], tmp_path: Path, make_theta, pattern: str
+    export_zoo: dict[str, ZooModel],
+    tmp_path: Path,
+    make_theta: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    pattern: str,
 ) -> None:
     source = export_zoo["mlp-legacy"].path
     params = load_graph(source).parameters

@@ -177,6 +177,16 @@ def test_helper_models_map_as_expected(zoo: dict[str, ZooModel]) -> None:
     assert sum(isinstance(op, Elementwise) for op in conv.ops) == 2  # BatchNorm after Relu
     assert any(isinstance(op, Pool) and op.kernel == (4, 4) for op in conv.ops)
 
+    matmul = load(zoo["matmul_add_reversed-helper"])
+    sub, mul = matmul.ops[:2]
+    assert isinstance(sub, Elementwise) and sub.op == "sub" and sub.constant_first
+    assert isinstance(mul, Elementwise) and mul.op == "mul" and tuple(mul.constant.shape) == (4,)
+    linears = [op for op in matmul.ops if isinstance(op, Linear)]
+    assert [(op.weight, op.bias, op.weight_layout) for op in linears] == [
+        ("w1", "b1", "in_out"),
+        ("w2", "b2", "in_out"),
+    ]
+
     constants = load(zoo["constant_node_weights-helper"])
     assert set(constants.parameters) == {"w1", "b1", "w2"}
 
@@ -275,6 +285,16 @@ def test_fixed_batch_input_is_accepted(tmp_path: Path) -> None:
     assert graph.input_shape == (2, 2)
     x = torch.arange(8.0).reshape(2, 2, 2)
     torch.testing.assert_close(graph(x), x.reshape(2, 4)[:, :3])
+
+
+def test_external_data_is_read(zoo: dict[str, ZooModel], tmp_path: Path) -> None:
+    model = onnx.load(str(zoo["split_mnist_cnn-legacy"].path))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    assert (tmp_path / "w.bin").stat().st_size > 0
+    graph, original = load_graph(path), load_graph(zoo["split_mnist_cnn-legacy"].path)
+    x = random_input(graph)
+    torch.testing.assert_close(graph(x), original(x), rtol=0.0, atol=0.0)
 
 
 def test_loading_leaves_warning_filters_and_torch_state_alone(zoo: dict[str, ZooModel]) -> None:

@@ -84,7 +84,8 @@ def load_graph(path: Path) -> Graph:
         path: path to an .onnx file (external data is read relative to it).
 
     Returns:
-        The graph; parameters are float32 tensors keyed by initializer name.
+        The graph; parameters are float32 tensors keyed by initializer name. A `UserWarning`
+        is issued for each parameter stored in another floating-point dtype.
 
     Raises:
         GraphError: the file is missing, empty, truncated or not ONNX; the checker or shape
@@ -136,10 +137,15 @@ def read_model(path: Path) -> onnx.ModelProto:
         raise GraphError(f"{path}: the file is empty; re-export the model")
     try:
         model = onnx.load(str(path))
-    except Exception as err:  # noqa: BLE001 - protobuf and external-data errors vary by version
+    except OSError as err:  # the model itself was readable, so this is its external data
+        raise GraphError(
+            f"{path}: cannot read the model's external data ({_one_line(err)}); keep the "
+            "weight files next to the model"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - protobuf decode errors vary by version
         raise GraphError(
             f"{path}: not a readable ONNX model ({type(err).__name__}: {_one_line(err)}); "
-            "the file is truncated or not ONNX, re-export it"
+            "the file is truncated, not ONNX, or misses its external weight files; re-export it"
         ) from err
     if not model.HasField("graph"):
         raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
@@ -147,7 +153,15 @@ def read_model(path: Path) -> onnx.ModelProto:
 
 
 def check_model(model: onnx.ModelProto, path: Path) -> None:
-    """Run `onnx.checker.check_model`, turning a rejection into a GraphError naming the file."""
+    """Run `onnx.checker.check_model`, turning a rejection into a GraphError naming the file.
+
+    Args:
+        model: the decoded model.
+        path: the file it came from (or goes to), for the message.
+
+    Raises:
+        GraphError: the checker rejects the model.
+    """
     try:
         onnx.checker.check_model(model)
     except Exception as err:  # noqa: BLE001 - the checker raises several types

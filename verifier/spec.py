@@ -68,9 +68,9 @@ class TaskSection(_Section):
 
 
 class ImportanceSection(_Section):
-    """Freezing the least important parameters (Fisher or Synaptic-Intelligence importance)."""
+    """Freezing the least important parameters (diagonal Fisher importance)."""
 
-    kind: Literal["none", "fisher", "si"] = "none"
+    kind: Literal["none", "fisher"] = "none"
     fraction: float = Field(0.0, ge=0.0, lt=1.0, description="q: fraction of entries frozen.")
     lookahead: DataSection | None = Field(
         None, description="Next task's data: freeze the q entries least important for it."
@@ -83,7 +83,7 @@ class SearchSection(_Section):
 
     iterations: int = Field(300, ge=0)
     batch_size: int = Field(500, ge=1)
-    lr: float = Field(0.05, gt=0.0, description="η: primal Adam learning rate is η / sqrt(p).")
+    lr: float = Field(0.05, gt=0.0, description="η: primal Adam learning rate is η / p (p = boxed parameters).")
     dual_lr: float = Field(0.5, gt=0.0, description="η_d: dual ascent step on hard violation.")
     penalty: float = Field(10.0, ge=0.0, description="ρ0 of the augmented Lagrangian.")
     penalty_growth: float = Field(1.01, ge=1.0)

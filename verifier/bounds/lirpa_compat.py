@@ -64,6 +64,9 @@ _applied = False
 
 INSTALL_HINT = "pip install --no-deps auto_LiRPA==0.3"
 
+# Patch 6: (activation class, x_limit, step, dtype, device) -> (d_lower, d_upper); read-only.
+_TANGENT_TABLES: dict[tuple[str, float, float, torch.dtype, str], tuple[Tensor, Tensor]] = {}
+
 # The functions numpy 1 exposed from numpy.lib.arraysetops; all stay public in numpy 2.
 _ARRAYSETOPS_NAMES = (
     "ediff1d",
@@ -240,11 +243,14 @@ def _tables_in_bound_dtype(cls: type) -> None:
 
     @functools.wraps(original)
     def bound_relax_impl(self: Any, x: Any, func: Any, dfunc: Any) -> Any:
-        dtype = x.lower.dtype
+        dtype, device = x.lower.dtype, x.lower.device
         if self.d_lower is None or self.d_lower.dtype != dtype:
-            self.d_lower, self.d_upper = _tangent_tables(
-                func, dfunc, self.x_limit, self.step_pre, dtype, x.lower.device
-            )
+            key = (type(self).__name__, self.x_limit, self.step_pre, dtype, str(device))
+            if key not in _TANGENT_TABLES:
+                _TANGENT_TABLES[key] = _tangent_tables(
+                    func, dfunc, self.x_limit, self.step_pre, dtype, device
+                )
+            self.d_lower, self.d_upper = _TANGENT_TABLES[key]
         return original(self, x, func, dfunc)
 
     bound_relax_impl._verifier_compat = True  # type: ignore[attr-defined]
@@ -265,36 +271,35 @@ def _tangent_tables(
 
     For grid points u = k*step >= 0, d_lower[k] <= 0 is (by bisection) the tangent point
     closest to 0 whose tangent line stays below func at u; d_upper mirrors it for u <= 0.
+    Only points that pass the check are kept, so stopping the bisection early (here once the
+    bracket is below the dtype's resolution) loosens the tables but never makes them invalid.
+    func at the grid is computed once: float64 tanh of large arguments is slow on CPU. The
+    tables depend only on the function and the dtype, so they are shared between nodes.
     """
     n_points = int(x_limit / step) + 5
     grid = step * torch.arange(0, n_points, dtype=dtype, device=device)
 
-    def below(upper: Tensor, d: Tensor) -> Tensor:
-        return dfunc(d) * (upper - d) + func(d) <= func(upper)
+    def search(ends: Tensor, f_ends: Tensor, sign: float) -> Tensor:
+        # sign -1: tangent at d <= 0 below func at ends >= 0; sign +1: above func at ends <= 0.
+        def valid(d: Tensor) -> Tensor:
+            line = dfunc(d) * (ends - d) + func(d)
+            return line <= f_ends if sign < 0 else line >= f_ends
 
-    def above(lower: Tensor, d: Tensor) -> Tensor:
-        return dfunc(d) * (lower - d) + func(d) >= func(lower)
+        far, near = torch.full_like(ends, sign), torch.zeros_like(ends)
+        while True:
+            ok = valid(far)
+            if bool(ok.all()):
+                break
+            far = torch.where(ok, far, 2 * far)
+        resolution = torch.finfo(dtype).eps * far.abs().clamp(min=1.0)
+        for _ in range(100):
+            if bool(((far - near).abs() <= resolution).all()):
+                break
+            mid = (far + near) / 2
+            ok = valid(mid)
+            far, near = torch.where(ok, mid, far), torch.where(ok, near, mid)
+        return far
 
-    left, right = -torch.ones_like(grid), torch.zeros_like(grid)
-    while True:
-        ok = below(grid, left)
-        left = torch.where(ok, left, 2 * left)
-        if bool(ok.all()):
-            break
-    for _ in range(100):
-        mid = (left + right) / 2
-        ok = below(grid, mid)
-        left, right = torch.where(ok, mid, left), torch.where(ok, right, mid)
-    d_lower = left
-
-    left, right = torch.zeros_like(grid), torch.ones_like(grid)
-    while True:
-        ok = above(-grid, right)
-        right = torch.where(ok, right, 2 * right)
-        if bool(ok.all()):
-            break
-    for _ in range(100):
-        mid = (left + right) / 2
-        ok = above(-grid, mid)
-        left, right = torch.where(ok, left, mid), torch.where(ok, mid, right)
-    return d_lower, right
+    d_lower = search(grid, func(grid), -1.0)
+    d_upper = search(-grid, func(-grid), 1.0)
+    return d_lower, d_upper
