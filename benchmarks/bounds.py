@@ -40,12 +40,17 @@ def mlp_graph(x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[Graph, nn.M
         nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
     )
     train(net, x, y, steps)
-    params = {f"fc{i}.{k}": v.detach().clone() for i, m in enumerate([net[1], net[3], net[5]])
-              for k, v in m.state_dict().items()}
+    params = {
+        f"fc{i}.{k}": v.detach().clone()
+        for i, m in enumerate([net[1], net[3], net[5]])
+        for k, v in m.state_dict().items()
+    }
     ops = (
         Reshape("flatten", (784,)),
-        Linear("fc0", "fc0.weight", "fc0.bias"), Activation("r0", "relu"),
-        Linear("fc1", "fc1.weight", "fc1.bias"), Activation("r1", "relu"),
+        Linear("fc0", "fc0.weight", "fc0.bias"),
+        Activation("r0", "relu"),
+        Linear("fc1", "fc1.weight", "fc1.bias"),
+        Activation("r1", "relu"),
         Linear("fc2", "fc2.weight", "fc2.bias"),
     )
     return Graph(ops, params, "x", (1, 28, 28), "y", 10), net
@@ -54,19 +59,29 @@ def mlp_graph(x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[Graph, nn.M
 def cnn_graph(x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[Graph, nn.Module]:
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(1, 8, 5, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 5, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(576, 10),
+        nn.Conv2d(1, 8, 5, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 1, 5, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(576, 10),
     )
     train(net, x, y, steps)
     params = {
-        "conv0.weight": net[0].weight.detach().clone(), "conv0.bias": net[0].bias.detach().clone(),
-        "conv1.weight": net[2].weight.detach().clone(), "conv1.bias": net[2].bias.detach().clone(),
-        "fc.weight": net[5].weight.detach().clone(), "fc.bias": net[5].bias.detach().clone(),
+        "conv0.weight": net[0].weight.detach().clone(),
+        "conv0.bias": net[0].bias.detach().clone(),
+        "conv1.weight": net[2].weight.detach().clone(),
+        "conv1.bias": net[2].bias.detach().clone(),
+        "fc.weight": net[5].weight.detach().clone(),
+        "fc.bias": net[5].bias.detach().clone(),
     }
     ops = (
-        Conv("conv0", "conv0.weight", "conv0.bias", pads=(1, 1, 1, 1)), Activation("r0", "relu"),
-        Conv("conv1", "conv1.weight", "conv1.bias", pads=(1, 1, 1, 1)), Activation("r1", "relu"),
-        Reshape("flatten", (576,)), Linear("fc", "fc.weight", "fc.bias"),
+        Conv("conv0", "conv0.weight", "conv0.bias", pads=(1, 1, 1, 1)),
+        Activation("r0", "relu"),
+        Conv("conv1", "conv1.weight", "conv1.bias", pads=(1, 1, 1, 1)),
+        Activation("r1", "relu"),
+        Reshape("flatten", (576,)),
+        Linear("fc", "fc.weight", "fc.bias"),
     )
     return Graph(ops, params, "x", (1, 28, 28), "y", 10), net
 
@@ -86,51 +101,76 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
 
 
 def speed_rows(name: str, graph: Graph, net: nn.Module, x, y, batches, repeats) -> list[str]:
+    lower, upper = box(graph, 0.01)
+    return [
+        speed_row(name, graph, net, x[:batch], y[:batch], lower, upper, repeats)
+        for batch in batches
+    ]
+
+
+def speed_row(name: str, graph: Graph, net: nn.Module, xb, yb, lower, upper, repeats) -> str:
     from verifier.bounds.lirpa import lirpa_logit_bounds, lirpa_margin_bounds
 
-    rows = []
-    lower, upper = box(graph, 0.01)
-    for batch in batches:
-        xb, yb = x[:batch], y[:batch]
-        lo = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
-        up = {k: v.clone().requires_grad_(True) for k, v in upper.items()}
+    batch = xb.shape[0]
+    lo = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
+    up = {k: v.clone().requires_grad_(True) for k, v in upper.items()}
 
-        def ours_fwd() -> None:
-            with torch.no_grad():
-                margin_bounds(graph, lower, upper, xb, yb)
+    def ours_fwd() -> None:
+        with torch.no_grad():
+            margin_bounds(graph, lower, upper, xb, yb)
 
-        def ours_fwd_bwd() -> None:
-            b = margin_bounds(graph, lo, up, xb, yb).lower
-            b[~torch.isinf(b)].sum().backward()
+    def ours_fwd_bwd() -> None:
+        b = margin_bounds(graph, lo, up, xb, yb).lower
+        b[~torch.isinf(b)].sum().backward()
 
-        def plain_fwd_bwd() -> None:
-            net.zero_grad()
-            nn.functional.cross_entropy(net(xb), yb).backward()
+    def plain_fwd_bwd() -> None:
+        net.zero_grad()
+        nn.functional.cross_entropy(net(xb), yb).backward()
 
-        t_plain = timed(plain_fwd_bwd, repeats)
-        t_fwd = timed(ours_fwd, repeats)
-        t_fb = timed(ours_fwd_bwd, repeats)
-        row = [name, str(batch), f"{t_fwd * 1e3:.2f}", f"{t_fb * 1e3:.2f}", f"{t_plain * 1e3:.2f}",
-               f"{t_fb / t_plain:.1f}x"]
-        if name == "mlp":
-            t_l_ibp = timed(lambda: lirpa_margin_bounds(
-                graph, lower, upper, xb, yb, method="ibp", dtype=torch.float32), max(1, repeats // 4))
-            t_crown = timed(lambda: lirpa_margin_bounds(
-                graph, lower, upper, xb, yb, method="crown-ibp", dtype=torch.float32),
-                max(1, repeats // 4)) if batch <= 100 else float("nan")
-            # identical-bounds check on logit intervals (our margins fold the last layer, tighter)
-            ours = logit_bounds(graph, lower, upper, xb)
-            theirs = lirpa_logit_bounds(graph, lower, upper, xb, method="ibp", dtype=torch.float32)
-            rel = max(
-                float(((a - b).abs() / a.abs().clamp(min=1e-3)).max())
-                for a, b in ((ours.lower, theirs[0]), (ours.upper, theirs[1]))
+    t_plain = timed(plain_fwd_bwd, repeats)
+    t_fwd = timed(ours_fwd, repeats)
+    t_fb = timed(ours_fwd_bwd, repeats)
+    row = [
+        name,
+        str(batch),
+        f"{t_fwd * 1e3:.2f}",
+        f"{t_fb * 1e3:.2f}",
+        f"{t_plain * 1e3:.2f}",
+        f"{t_fb / t_plain:.1f}x",
+    ]
+    if name == "mlp":
+        t_l_ibp = timed(
+            lambda: lirpa_margin_bounds(
+                graph, lower, upper, xb, yb, method="ibp", dtype=torch.float32
+            ),
+            max(1, repeats // 4),
+        )
+        t_crown = (
+            timed(
+                lambda: lirpa_margin_bounds(
+                    graph, lower, upper, xb, yb, method="crown-ibp", dtype=torch.float32
+                ),
+                max(1, repeats // 4),
             )
-            row += [f"{t_l_ibp * 1e3:.2f}", f"{t_l_ibp / t_fwd:.1f}x", f"{t_crown * 1e3:.1f}",
-                    f"{rel:.1e}"]
-        else:
-            row += ["n/a (Conv)", "", "n/a (Conv)", ""]
-        rows.append("| " + " | ".join(row) + " |")
-    return rows
+            if batch <= 100
+            else float("nan")
+        )
+        # identical-bounds check on logit intervals (our margins fold the last layer, tighter)
+        ours = logit_bounds(graph, lower, upper, xb)
+        theirs = lirpa_logit_bounds(graph, lower, upper, xb, method="ibp", dtype=torch.float32)
+        rel = max(
+            float(((a - b).abs() / a.abs().clamp(min=1e-3)).max())
+            for a, b in ((ours.lower, theirs[0]), (ours.upper, theirs[1]))
+        )
+        row += [
+            f"{t_l_ibp * 1e3:.2f}",
+            f"{t_l_ibp / t_fwd:.1f}x",
+            f"{t_crown * 1e3:.1f}",
+            f"{rel:.1e}",
+        ]
+    else:
+        row += ["n/a (Conv)", "", "n/a (Conv)", ""]
+    return "| " + " | ".join(row) + " |"
 
 
 def tightness_rows(name: str, graph: Graph, x, y, radii) -> list[str]:
@@ -148,15 +188,21 @@ def tightness_rows(name: str, graph: Graph, x, y, radii) -> list[str]:
         results["ibp"] = (ibp.lower, ibp.certified())
         results["midrad"] = (mid.lower, mid.certified())
         if name == "mlp":
-            crown = torch.cat([lirpa_margin_bounds(graph, lo64, up64, x64[i:i + 100], y[i:i + 100])
-                               for i in range(0, x64.shape[0], 100)])
+            crown = torch.cat(
+                [
+                    lirpa_margin_bounds(graph, lo64, up64, x64[i : i + 100], y[i : i + 100])
+                    for i in range(0, x64.shape[0], 100)
+                ]
+            )
             results["crown-ibp"] = (crown, (crown > 1000 * ibp.rounding + 1e-9).all(1))
             best = torch.maximum(crown, ibp.lower)
             results["best"] = (best, results["ibp"][1] | results["crown-ibp"][1])
         for method, (lower_b, cert) in results.items():
             mask = ~torch.isinf(lower_b)
-            rows.append(f"| {name} | {radius} | {method} | {float(lower_b[mask].mean()):.3f} | "
-                        f"{int(cert.sum())}/{x.shape[0]} |")
+            rows.append(
+                f"| {name} | {radius} | {method} | {float(lower_b[mask].mean()):.3f} | "
+                f"{int(cert.sum())}/{x.shape[0]} |"
+            )
     return rows
 
 
@@ -173,12 +219,16 @@ def main() -> None:
     test_data = load_dataset("mnist", split="test")
     steps = 300 if args.quick else 1500
     repeats = 3 if args.quick else 10
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}\n"
+    )
     print("## Speed (ms per call, float32, all parameters boxed, radius 1% of |w|)\n")
-    print("| net | batch | ours IBP fwd | ours IBP fwd+bwd | plain fwd+bwd | ours fwd+bwd / plain "
-          "| auto_LiRPA IBP | LiRPA IBP / ours | auto_LiRPA CROWN-IBP | max rel. diff ours vs "
-          "LiRPA IBP logits |")
+    print(
+        "| net | batch | ours IBP fwd | ours IBP fwd+bwd | plain fwd+bwd | ours fwd+bwd / plain "
+        "| auto_LiRPA IBP | LiRPA IBP / ours | auto_LiRPA CROWN-IBP | max rel. diff ours vs "
+        "LiRPA IBP logits |"
+    )
     print("|" + "---|" * 10)
     graphs = {}
     for name, build in (("mlp", mlp_graph), ("cnn", cnn_graph)):

@@ -83,7 +83,9 @@ class SearchSection(_Section):
 
     iterations: int = Field(300, ge=0)
     batch_size: int = Field(500, ge=1)
-    lr: float = Field(0.05, gt=0.0, description="η: primal Adam learning rate is η / p (p = boxed parameters).")
+    lr: float = Field(
+        0.05, gt=0.0, description="η: primal Adam learning rate is η / p (p = boxed parameters)."
+    )
     dual_lr: float = Field(0.5, gt=0.0, description="η_d: dual ascent step on hard violation.")
     penalty: float = Field(10.0, ge=0.0, description="ρ0 of the augmented Lagrangian.")
     penalty_growth: float = Field(1.01, ge=1.0)
