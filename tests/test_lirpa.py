@@ -15,7 +15,7 @@ from torch import Tensor
 from tests.oracles import attack_margins, margins_of, sampled_worst_margins
 from tests.tiny_nets import box_around, random_cnn, random_mlp
 from verifier.bounds.lirpa import Method, lirpa_logit_bounds, lirpa_margin_bounds
-from verifier.bounds.lirpa_compat import apply_lirpa_compat
+from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
 from verifier.errors import BackendError, DataError, DomainError
 from verifier.graph import AffineScale, Graph, Linear, Reshape
 
@@ -96,7 +96,8 @@ def test_compat_lets_auto_lirpa_import_and_bound() -> None:
     assert arraysetops.isin([1, 2], [2]).tolist() == [False, True]
     linear = torch.nn.Linear(3, 2).double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    module = auto_LiRPA.BoundedModule(linear, (x,), device="cpu")
+    with onnx_opset_restored():  # the build sets torch's ONNX opset global
+        module = auto_LiRPA.BoundedModule(linear, (x,), device="cpu")
     # torch 2 passes remove_duplicate=...; auto_LiRPA's override must take both call shapes.
     assert len(list(module.named_parameters())) == 2
     assert len(list(module.named_parameters(remove_duplicate=False))) == 2
@@ -328,3 +329,30 @@ def test_bad_boxes_and_inputs_are_reported() -> None:
         lirpa_margin_bounds(graph, lower, upper, x, y + 5)
     with pytest.raises(BackendError, match="no method"):
         lirpa_margin_bounds(graph, lower, upper, x, y, method="alpha-crown")  # type: ignore[arg-type]
+
+
+def test_building_and_bounding_leave_global_state_alone() -> None:
+    import warnings
+
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    gen = torch.Generator().manual_seed(10)
+    graph = random_mlp((4, 5, 3), gen, torch.float64, activation="tanh")
+    x, y = inputs(graph, 3, gen)
+    lower, upper = box_around(graph, 0.1)
+    before = (
+        list(warnings.filters),
+        torch.get_default_dtype(),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        GLOBALS.export_onnx_opset_version,
+    )
+    lirpa_margin_bounds(graph, lower, upper, x, y, method="crown")
+    after = (
+        list(warnings.filters),
+        torch.get_default_dtype(),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        GLOBALS.export_onnx_opset_version,
+    )
+    assert after == before

@@ -9,8 +9,11 @@ layer. Margins z_y - z_j are bounded directly through auto_LiRPA's specification
 which is tighter than subtracting logit bounds.
 
 The traced `BoundedModule` is built once per (graph, boxed names, dtype, device) and kept in a
-small cache; each call writes the new centres and radii into it. The cache makes the functions here
-unsafe to call from several threads at once on the same graph.
+small cache (weakly keyed by the graph); each call writes the new centres and radii into it.
+Parameters outside the box are copied in at build time, so a graph's parameter tensors must
+not be changed in place afterwards. The cache makes these functions unsafe to call from
+several threads at once on the same graph. Bounds are computed under `torch.no_grad()`: they
+are not differentiable with respect to the box (use `verifier.bounds.ibp` for the search).
 
 auto_LiRPA is imported only here, after `verifier.bounds.lirpa_compat.apply_lirpa_compat`.
 auto_LiRPA rounds to nearest like any torch code: its bounds are sound in exact arithmetic,

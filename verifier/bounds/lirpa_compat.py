@@ -6,7 +6,9 @@ bounds the plain feed-forward modules that `verifier.bounds.lirpa` hands it. We 
 site-packages: every patch is made here, at run time, and only when the lirpa backend is used
 (`import verifier` patches nothing).
 
-Each patch restores one name that auto_LiRPA 0.3 uses and a newer library removed or changed:
+Patches 1-4 restore names that auto_LiRPA 0.3 uses and a newer torch or numpy removed or
+changed; patches 5-6 fix auto_LiRPA's float64 support (it builds some tensors in the default
+dtype), which our proofs need:
 
 1. ``numpy.lib.arraysetops``: numpy 2 made it private (``numpy.lib._arraysetops_impl``);
    ``auto_LiRPA.operators.base`` does ``from numpy.lib.arraysetops import isin``. We register
@@ -33,7 +35,7 @@ Each patch restores one name that auto_LiRPA 0.3 uses and a newer library remove
    they fail ("Index put requires the source and destination dtypes match") and, cast
    naively, would give tangent lines that are only float32-valid. We defer the tables to the
    first CROWN relaxation and compute them there with auto_LiRPA's own algorithm, in the
-   dtype of the bounds (~0.3 s; IBP never needs them).
+   dtype of the bounds (~0.1 s, once per function and dtype; IBP never needs them).
 
 Importing auto_LiRPA also calls ``warnings.simplefilter("once")`` (in ``auto_LiRPA.utils`` and
 ``auto_LiRPA.bound_general``) and emits torch's ``torch.jit.script`` deprecation warnings. We
@@ -168,7 +170,7 @@ def _add_node_getitem() -> None:
         # kindOf names the typed getter: "f", "i", "s", "t", "fs", "is", "ss", "ts", "g", ...
         return getattr(node, node.kindOf(key))(key)
 
-    setattr(torch._C.Node, "__getitem__", _node_getitem)  # noqa: B010 (a dunder on a C type)
+    torch._C.Node.__getitem__ = _node_getitem  # type: ignore[method-assign,attr-defined]
 
 
 def _accept_remove_duplicate(cls: type[torch.nn.Module]) -> None:
@@ -286,11 +288,13 @@ def _tangent_tables(
             return line <= f_ends if sign < 0 else line >= f_ends
 
         far, near = torch.full_like(ends, sign), torch.zeros_like(ends)
-        while True:
+        for _ in range(64):
             ok = valid(far)
             if bool(ok.all()):
                 break
             far = torch.where(ok, far, 2 * far)
+        else:
+            raise BackendError("auto_LiRPA: no valid tangent line for an S-shaped activation")
         resolution = torch.finfo(dtype).eps * far.abs().clamp(min=1.0)
         for _ in range(100):
             if bool(((far - near).abs() <= resolution).all()):
