@@ -195,3 +195,22 @@ def test_nan_bounds_fail_closed() -> None:
     y = _labels(graph, 4, gen)
     bounds = margin_bounds(graph, lower, upper, x, y, track_rounding=True)
     assert not bool(bounds.certified()[0])
+
+
+@pytest.mark.parametrize("name", ["mlp-relu", "mlp-tanh", "cnn", "linear"])
+def test_class_pair_folding_equals_per_sample_folding(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The (class, class) table path gives the same margins and allowance as the einsum path."""
+    import verifier.bounds.ibp as ibp
+
+    gen = torch.Generator().manual_seed(7)
+    graph = random_mlp((5, 4), gen) if name == "linear" else GRAPHS[name](gen)
+    lower, upper = box_around(graph, 0.1, generator=gen)
+    x, y = _inputs(graph, 9, gen), _labels(graph, 9, gen)
+    fast = margin_bounds(graph, lower, upper, x, y, track_rounding=True)
+    monkeypatch.setattr(ibp, "_PAIR_TABLE_LIMIT", 0)
+    slow = margin_bounds(graph, lower, upper, x, y, track_rounding=True)
+    assert fast.rounding is not None and slow.rounding is not None
+    torch.testing.assert_close(fast.lower, slow.lower, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.rounding, slow.rounding, rtol=1e-9, atol=1e-15)

@@ -354,6 +354,18 @@ def margin_bounds(
     if op.weight_layout == "in_out":
         w = _transposed(w)
     w = _scaled(w, None if op.scale is None else op.scale.weight_scale, 0)
+    bias_part = _margin_offset(op, graph, lower, upper, y, h.lower)
+    n_classes, n_in = w.lower.shape
+    if rule == "exact" and n_classes * n_classes * n_in <= _PAIR_TABLE_LIMIT:
+        definite = h.is_point or bool((h.lower >= 0).all())
+        if definite:
+            flat_err = None if err is None else err.flatten(1)
+            margins, rounding = _folded_by_class_pairs(h, w, y, flat_err)
+            margins = margins + bias_part.lower
+            if rounding is not None:
+                mag = _class_pair_product(h.magnitude(), _pair_magnitude(w), y)
+                rounding = rounding + _gamma(4 * n_in + 12) * (mag + bias_part.magnitude())
+            return _mask_true(margins, rounding, y)
     # D_j = W_y - W_j, as an interval per sample: (batch, n_classes, n_in)
     wy = Interval(w.lower[y], w.upper[y])
     diff = Interval(
@@ -373,7 +385,6 @@ def margin_bounds(
         )
 
     margins = enclose_bilinear(h, diff, product, rule=rule, crossing=crossing).lower
-    bias_part = _margin_offset(op, graph, lower, upper, y, h.lower)
     margins = margins + bias_part.lower
     rounding = None
     if err is not None:
@@ -382,6 +393,51 @@ def margin_bounds(
         mag = product(h.magnitude(), d_mag) + bias_part.magnitude()
         rounding = _gamma(4 * n + 12) * mag + product(err.flatten(1), d_mag)
     return _mask_true(margins, rounding, y)
+
+
+_PAIR_TABLE_LIMIT = 4_000_000  # elements of the (class, class, n_in) table
+
+
+def _class_pair_product(a: Tensor, table: Tensor, y: Tensor) -> Tensor:
+    """out[b, j] = sum_k a[b, k] * table[y_b, j, k], as one matrix product.
+
+    The table has one row per (true class, other class) pair, so the product costs
+    batch * C^2 * n_in, with no per-sample (batch, C, n_in) tensor.
+    """
+    n_classes = table.shape[0]
+    flat = a @ table.reshape(n_classes * n_classes, -1).transpose(0, 1)
+    pairs = flat.reshape(a.shape[0], n_classes, n_classes)
+    return pairs[torch.arange(a.shape[0], device=a.device), y]
+
+
+def _pair_magnitude(w: Interval) -> Tensor:
+    """max |W_y - W_j| over the box, shape (C, C, n_in)."""
+    lo = w.lower[:, None, :] - w.upper[None, :, :]
+    up = w.upper[:, None, :] - w.lower[None, :, :]
+    return torch.maximum(lo.abs(), up.abs())
+
+
+def _folded_by_class_pairs(
+    h: Interval, w: Interval, y: Tensor, err: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Exact lower bound of (W_y - W_j) h for h >= 0 or a point h, without the bias.
+
+    For h_k >= 0 the term h_k d_k (d_k in [dl_k, du_k], independent) is smallest at
+    d_k = dl_k, with h_k at its upper end where dl_k < 0 and its lower end where dl_k > 0:
+    hl max(dl, 0) + hu min(dl, 0). A point h (either sign) gives h+ dl + h- du.
+    """
+    dl = w.lower[:, None, :] - w.upper[None, :, :]
+    if h.is_point:
+        pos, neg = torch.clamp(h.lower, min=0), torch.clamp(h.lower, max=0)
+        du = dl if w.is_point else w.upper[:, None, :] - w.lower[None, :, :]
+        margins = _class_pair_product(pos, dl, y) + _class_pair_product(neg, du, y)
+    else:
+        margins = _class_pair_product(h.lower, torch.clamp(dl, min=0), y)
+        margins = margins + _class_pair_product(h.upper, torch.clamp(dl, max=0), y)
+    rounding = None
+    if err is not None:
+        rounding = _class_pair_product(err, _pair_magnitude(w), y)
+    return margins, rounding
 
 
 def _margin_offset(
