@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from verifier.bounds.ibp import logit_bounds, margin_bounds
+from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, logit_bounds, margin_bounds
 from verifier.data import load_dataset
 from verifier.graph import Activation, Conv, Graph, Linear, Reshape
 
@@ -92,6 +92,20 @@ def box(graph: Graph, radius: float) -> tuple[dict, dict]:
     return lower, upper
 
 
+def saved_mb(fn: Callable[[], object]) -> float:
+    """Megabytes of tensors autograd keeps for the backward pass of fn (its memory peak)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total / 2**20
+
+
 def timed(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up
     start = time.perf_counter()
@@ -127,6 +141,7 @@ def speed_row(name: str, graph: Graph, net: nn.Module, xb, yb, lower, upper, rep
         net.zero_grad()
         nn.functional.cross_entropy(net(xb), yb).backward()
 
+    repeats = repeats * 10 if batch == 1 else repeats
     t_plain = timed(plain_fwd_bwd, repeats)
     t_fwd = timed(ours_fwd, repeats)
     t_fb = timed(ours_fwd_bwd, repeats)
@@ -137,6 +152,7 @@ def speed_row(name: str, graph: Graph, net: nn.Module, xb, yb, lower, upper, rep
         f"{t_fb * 1e3:.2f}",
         f"{t_plain * 1e3:.2f}",
         f"{t_fb / t_plain:.1f}x",
+        f"{saved_mb(ours_fwd_bwd):.1f} / {saved_mb(plain_fwd_bwd):.1f}",
     ]
     if name == "mlp":
         t_l_ibp = timed(
@@ -156,8 +172,10 @@ def speed_row(name: str, graph: Graph, net: nn.Module, xb, yb, lower, upper, rep
             else float("nan")
         )
         # identical-bounds check on logit intervals (our margins fold the last layer, tighter)
-        ours = logit_bounds(graph, lower, upper, xb)
-        theirs = lirpa_logit_bounds(graph, lower, upper, xb, method="ibp", dtype=torch.float32)
+        lo64 = {k: v.double() for k, v in lower.items()}
+        up64 = {k: v.double() for k, v in upper.items()}
+        ours = logit_bounds(graph, lo64, up64, xb.double())
+        theirs = lirpa_logit_bounds(graph, lo64, up64, xb.double(), method="ibp")
         rel = max(
             float(((a - b).abs() / a.abs().clamp(min=1e-3)).max())
             for a, b in ((ours.lower, theirs[0]), (ours.upper, theirs[1]))
@@ -194,9 +212,10 @@ def tightness_rows(name: str, graph: Graph, x, y, radii) -> list[str]:
                     for i in range(0, x64.shape[0], 100)
                 ]
             )
-            results["crown-ibp"] = (crown, (crown > 1000 * ibp.rounding + 1e-9).all(1))
-            best = torch.maximum(crown, ibp.lower)
-            results["best"] = (best, results["ibp"][1] | results["crown-ibp"][1])
+            crown_b = MarginBounds(crown, 1000 * ibp.rounding + 1e-9)  # as verifier.certify
+            results["crown-ibp"] = (crown, crown_b.certified())
+            best = combine_margin_bounds(ibp, crown_b)
+            results["best"] = (best.lower, best.certified())
         for method, (lower_b, cert) in results.items():
             mask = ~torch.isinf(lower_b)
             rows.append(
@@ -213,8 +232,9 @@ def peak_rss_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and samples")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     train_data = load_dataset("mnist", split="train")
     test_data = load_dataset("mnist", split="test")
     steps = 300 if args.quick else 1500
@@ -226,10 +246,10 @@ def main() -> None:
     print("## Speed (ms per call, float32, all parameters boxed, radius 1% of |w|)\n")
     print(
         "| net | batch | ours IBP fwd | ours IBP fwd+bwd | plain fwd+bwd | ours fwd+bwd / plain "
-        "| auto_LiRPA IBP | LiRPA IBP / ours | auto_LiRPA CROWN-IBP | max rel. diff ours vs "
-        "LiRPA IBP logits |"
+        "| saved for backward MB, ours / plain | auto_LiRPA IBP | LiRPA IBP / ours "
+        "| auto_LiRPA CROWN-IBP | max rel. diff ours vs LiRPA IBP logits (float64) |"
     )
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     graphs = {}
     for name, build in (("mlp", mlp_graph), ("cnn", cnn_graph)):
         graph, net = build(train_data.x, train_data.y, steps)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from tests.oracles import attack_margins, margins_of, sampled_worst_margins
 from tests.tiny_nets import box_around, random_cnn, random_mlp
+from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, logit_bounds, margin_bounds
 from verifier.bounds.lirpa import Method, lirpa_logit_bounds, lirpa_margin_bounds
 from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
 from verifier.errors import BackendError, DataError, DomainError
@@ -356,3 +357,37 @@ def test_building_and_bounding_leave_global_state_alone() -> None:
         GLOBALS.export_onnx_opset_version,
     )
     assert after == before
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("widths", [(5, 7, 3), (12, 9, 9, 4)])
+def test_own_ibp_equals_auto_lirpa_ibp(seed: int, widths: tuple[int, ...]) -> None:
+    """Both compute exact interval products: the logit intervals agree to 1e-6 relative."""
+    gen = torch.Generator().manual_seed(seed)
+    graph = random_mlp(widths, gen, torch.float64)
+    x, _ = inputs(graph, 10, gen)
+    lower, upper = box_around(graph, 0.1, generator=gen)
+    ours = logit_bounds(graph, lower, upper, x)
+    low, up = lirpa_logit_bounds(graph, lower, upper, x, method="ibp")
+    torch.testing.assert_close(ours.lower, low, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(ours.upper, up, rtol=1e-6, atol=1e-9)
+
+
+def test_combined_bound_is_never_looser_than_either() -> None:
+    """`best` keeps, per sample and class, the larger slack of IBP and CROWN-IBP."""
+    gen = torch.Generator().manual_seed(11)
+    graph = random_mlp((20, 16, 16, 5), gen, torch.float64)
+    x, y = inputs(graph, 24, gen)
+    lower, upper = box_around(graph, 0.05)
+    ibp = margin_bounds(graph, lower, upper, x, y, track_rounding=True)
+    crown = MarginBounds(lirpa_margin_bounds(graph, lower, upper, x, y, method="crown-ibp"))
+    best = combine_margin_bounds(ibp, crown)
+    assert ibp.rounding is not None and best.rounding is not None
+    slack = best.lower - best.rounding
+    finite = torch.isfinite(slack)
+    assert bool((slack[finite] >= (ibp.lower - ibp.rounding)[finite]).all())
+    assert bool((slack[finite] >= crown.lower[finite]).all())
+    assert int(best.certified().sum()) >= max(
+        int(ibp.certified().sum()), int(crown.certified().sum())
+    )
+    assert float((slack - (ibp.lower - ibp.rounding))[finite].max()) > 0.0  # CROWN helps somewhere

@@ -24,7 +24,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from verifier.bounds.ibp import MarginBounds, margin_bounds
+from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, margin_bounds
 from verifier.domains.box import Box
 from verifier.graph import Graph
 
@@ -162,7 +162,8 @@ def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) ->
         # auto_LiRPA tracks no rounding: allow 1000x the interval pass's float64 error bound,
         # whose magnitudes dominate CROWN's (same weights, same activations), plus 1e-9.
         assert ibp.rounding is not None
-        out.append(MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9))
+        crown = MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9)
+        out = [combine_margin_bounds(ibp, crown)] if method == "best" else [crown]
     return out
 
 

@@ -69,6 +69,27 @@ class MarginBounds:
         return ok.all(dim=1)
 
 
+def combine_margin_bounds(first: MarginBounds, *others: MarginBounds) -> MarginBounds:
+    """Per sample and class, keep the sound bound with the larger slack (bound - allowance).
+
+    Each input must be sound on its own; the result is then sound entry by entry and never
+    certifies fewer samples than any input.
+    """
+    best = first
+    for other in others:
+        a = best.lower if best.rounding is None else best.lower - best.rounding
+        b = other.lower if other.rounding is None else other.lower - other.rounding
+        take = b > a  # NaN compares False: keeps the earlier bound
+        lower = torch.where(take, other.lower, best.lower)
+        if best.rounding is None and other.rounding is None:
+            best = MarginBounds(lower)
+            continue
+        ra = torch.zeros_like(a) if best.rounding is None else best.rounding
+        rb = torch.zeros_like(b) if other.rounding is None else other.rounding
+        best = MarginBounds(lower, torch.where(take, rb, ra))
+    return best
+
+
 def _gamma(n: int) -> float:
     nu = n * UNIT_ROUNDOFF_64
     return nu / (1.0 - nu)

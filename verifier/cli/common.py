@@ -1,0 +1,109 @@
+"""Shared pieces of the command line: exit codes, one-line errors, common options, progress."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from verifier.errors import InputError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ExitCode(IntEnum):
+    """Process exit codes shared by every command."""
+
+    OK = 0
+    SPEC_NOT_MET = 1
+    BAD_INPUT = 2
+
+
+class BadInput(click.ClickException):
+    """One line on stderr, exit code 2."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def input_errors_exit_2(func: F) -> F:
+    """Turn an InputError raised by the library into one line on stderr and exit code 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except InputError as err:
+            raise BadInput(str(err)) from err
+
+    return wrapper  # type: ignore[return-value]
+
+
+def data_dir_option(func: F) -> F:
+    """The --data-dir option (env LID_DATA_DIR; default ../shared/data next to the project)."""
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="LID_DATA_DIR",
+        default=None,
+        help="Folder of the shared data sets (env LID_DATA_DIR; default ../shared/data).",
+    )(func)
+
+
+def emit_json(payload: Any) -> None:
+    """Write a JSON document to stdout."""
+    click.echo(json.dumps(payload, indent=2, sort_keys=False))
+
+
+def progress(
+    total: int,
+) -> tuple[Callable[[Any], None], Callable[[str], None], Callable[[], None]]:
+    """A tqdm bar on stderr for the search; returns (on_step, on_phase, close).
+
+    The bar opens at the first search step and closes before the next phase message, so a
+    message (or an input error before the search) never lands on the bar's line.
+    """
+    from tqdm import tqdm
+
+    bar: Any = None
+
+    def on_step(step: Any) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=total,
+                desc="LID search",
+                unit="it",
+                file=sys.stderr,
+                leave=False,
+                mininterval=0.5,
+            )
+        bar.update(1)
+        hard = ",".join(f"{h:.3f}" for h in step.hard)
+        soft = ",".join(f"{s:.3f}" for s in step.soft)
+        lam = ",".join(f"{v:.2f}" for v in step.lam)
+        bar.set_postfix_str(f"width={step.mean_width:.4g} soft={soft} hard={hard} λ={lam}")
+
+    def close() -> None:
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
+
+    def on_phase(message: str) -> None:
+        close()
+        click.echo(message, err=True)
+
+    return on_step, on_phase, close
+
+
+DEVICE_OPT = click.option("--device", default=None, help="cpu or cuda (default: the spec's).")
+JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
