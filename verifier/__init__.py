@@ -1,7 +1,7 @@
 """lid-verifier: locally invariant domains for provably safe model updates.
 
-The public entry points are `load_model` (an ONNX classifier as a callable graph) and, once
-built, `load_lid`. Importing the package has no side effects: no logging handlers, no warning
+The public entry points are `load_model` (an ONNX classifier as a callable graph) and
+`load_lid` (a LID file). Importing the package has no side effects: no logging handlers, no warning
 filters, no patches.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from verifier.domains.io import LidFile
     from verifier.graph import Graph
 
 try:
@@ -38,4 +39,22 @@ def load_model(path: str | Path) -> Graph:
     return load_graph(Path(path))
 
 
-__all__ = ["__version__", "load_model"]
+def load_lid(path: str | Path) -> LidFile:
+    """Load a LID file (safetensors corners + metadata) written by `verifier lid`.
+
+    Args:
+        path: path to a lid.safetensors file.
+
+    Returns:
+        The LID: `.box` (a `Box` keyed by initializer name), `.metadata` (schema version,
+        domain kind, model / θ0 / spec sha256) and `.model_sha256`.
+
+    Raises:
+        DomainError: the file is missing, malformed or fails its content hash.
+    """
+    from verifier.domains.io import load_lid as _load_lid
+
+    return _load_lid(path)
+
+
+__all__ = ["__version__", "load_lid", "load_model"]
