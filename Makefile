@@ -26,6 +26,8 @@ test: install
 	$(VENV)/bin/ruff check verifier tests benchmarks scripts
 	$(VENV)/bin/ruff format --check verifier tests benchmarks scripts
 	$(VENV)/bin/mypy verifier
+	# headless Chromium renders the report in tests/test_report.py (skipped when absent)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) || true
 	$(VENV)/bin/pytest -q
 
 bench: install

@@ -15,7 +15,6 @@ import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from verifier.certify import (
     required_rate,
 )
 from verifier.data import Dataset, data_sha256, load_dataset, validate_for_model
-from verifier.domains.box import Box, width_summary
+from verifier.domains.box import Box
 from verifier.domains.io import (
     check_lid_matches,
     file_sha256,
@@ -44,6 +43,7 @@ from verifier.domains.io import (
 from verifier.errors import DataError, SpecError
 from verifier.graph import Graph
 from verifier.onnx_import import load_graph
+from verifier.report.certificate import build_certificate
 from verifier.search import (
     SearchResult,
     SearchStep,
@@ -53,8 +53,6 @@ from verifier.search import (
     search_lid,
 )
 from verifier.spec import DataSection, Spec, TaskSection, spec_hash
-
-CERTIFICATE_SCHEMA_VERSION = "1"
 
 
 @dataclass(frozen=True, eq=False)
@@ -327,56 +325,24 @@ def certificate_document(
     seconds: float,
     command: str,
 ) -> dict[str, Any]:
-    """The certificate JSON document (schema version 1)."""
-    widths = width_summary(box)
-    holds = all(c.holds for c in certificates)
-    return {
-        "schema_version": CERTIFICATE_SCHEMA_VERSION,
-        "verdict": "holds" if holds else "not met",
-        "holds": holds,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "software": software_versions(),
-        "command": command,
-        "model": {"path": str(model_path), "sha256": model_sha},
-        "lid": {
-            "path": str(lid_path),
-            "sha256": file_sha256(lid_path),
-            "domain": "box",
-            "n_parameters": box.n_parameters(),
-            "mean_width": box.size("mean_width"),
-            "mean_log_width": box.size("mean_log_width"),
-            "total_width": sum(w["total_width"] for w in widths.values()),
-            "per_tensor": widths,
-        },
-        "spec": spec.model_dump(mode="json"),
-        "spec_sha256": spec_hash(spec),
-        "statement": (
-            "With probability at least 1 - beta over the draw of the held-out certification "
-            "sample (i.i.d. from the data distribution), every network whose parameters lie in "
-            "the LID has the task's metric at least lower_bound."
-        ),
-        "tasks": [
-            {
-                **cert.to_json(),
-                "clean_metric": task.clean,
-                "search_target": task.search_target,
-                "optimisation_data_sha256": task.opt_sha256,
-                "certification_data_sha256": task.cert_sha256,
-            }
-            for task, cert in zip(tasks, certificates, strict=True)
-        ],
-        "search": {
-            "iterations": len(result.history),
-            "chosen": result.chosen,
-            "optimisation_hard_metric": list(result.hard),
-            "feasible_on_optimisation_data": result.feasible,
-            "checkpoints": [
-                {"iteration": c.iteration, "hard": list(c.hard), "mean_width": c.mean_width}
-                for c in result.checkpoints
-            ],
-            "seconds": seconds,
-        },
-    }
+    """The certificate JSON document (schema: verifier/report/certificate.schema.json).
+
+    Built by `verifier.report.certificate.build_certificate`; history.jsonl (and a matching
+    crosscheck.json, if any) are read from the LID's folder, so write them first.
+    """
+    return build_certificate(
+        spec=spec,
+        model_path=model_path,
+        model_sha=model_sha,
+        lid_path=lid_path,
+        box=box,
+        tasks=tasks,
+        certificates=certificates,
+        result=result,
+        seconds=seconds,
+        command=command,
+        software=software_versions(),
+    )
 
 
 def run_certify(

@@ -93,13 +93,27 @@ def lid(
 @OUT_OPT
 @DEVICE_OPT
 @JSON_OPT
+@click.option("--pdf", is_flag=True, help="Also print the report to PDF (headless Chromium).")
 @click.pass_context
 @input_errors_exit_2
 def run(
-    ctx: click.Context, spec_path: Path, out_dir: Path, device: str | None, as_json: bool
+    ctx: click.Context,
+    spec_path: Path,
+    out_dir: Path,
+    device: str | None,
+    as_json: bool,
+    pdf: bool,
 ) -> None:
-    """Run the whole pipeline for SPEC_PATH: LID search, held-out certificate, artifacts."""
+    """Run the whole pipeline for SPEC_PATH: the `lid` job, then the compliance report.
+
+    Writes what `lid` writes plus OUT/report.html (and report.pdf with --pdf); the exit code
+    follows the certificate as for `lid`.
+    """
+    from verifier.cli.report import write_report_files
+
     holds = _lid_job(spec_path, out_dir, device, as_json)
+    # the cross-check (`verifier crosscheck`) goes here, before the report that shows it
+    write_report_files(out_dir, pdf=pdf)
     ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
 
 
