@@ -11,10 +11,13 @@ L = -S + Σ λ_i g_i + (ρ_i / 2) [g_i]_+^2 (paper, arXiv 2512.01899, §4):
 * dual: λ_i <- max(0, λ_i + η_d (τ'_i - HardAcc_i)) on the batch's hard certified accuracy;
   ρ_i grows by `penalty_growth` while violated.
 
-Every `checkpoint_every` iterations the box is a candidate with its float64 hard certified
-accuracy on the whole optimisation part. Beyond the paper, the returned box always meets τ'
-on the optimisation part: the largest feasible candidate, or the final box shrunk toward θ0
-by bisection on a scale factor until it is feasible, whichever is larger. Box corners are
+Every `checkpoint_every` iterations the box is a candidate with its hard certified accuracy
+on the whole optimisation part, from a fast float32 guide. Beyond the paper, the returned box
+always meets τ' on the optimisation part, proved in float64: the widest candidate whose
+float64 proof meets τ', or the final box shrunk toward θ0 by bisection on a scale factor
+(guided in float32, proved in float64) until it is feasible, whichever is larger. The guide
+only steers the choice: float64 convolutions are ~10x slower than float32 ones on CPU, so
+proving every checkpoint and bisection step would dominate the run on CNNs. Box corners are
 rounded inward to float32 so that projected float32 weights lie exactly inside.
 """
 
@@ -34,6 +37,7 @@ from verifier.graph import Graph
 from verifier.spec import SearchSection
 
 SHRINK_STEPS = 14
+SHRINK_STEPS_PROOF = 8
 LR_SCALE_RANGE = (1e-2, 1e2)
 LR_SLOW, LR_FAST = 0.9, 1.02
 
@@ -69,7 +73,8 @@ class SearchStep:
 
 @dataclass(frozen=True, eq=False)
 class Checkpoint:
-    """A candidate LID with its float64 hard certified metric per task (optimisation part)."""
+    """A candidate LID with its hard certified metric per task on the optimisation part,
+    from the float32 guide (`hard_metrics(proof=False)`); proved in float64 before use."""
 
     iteration: int
     box: Box
@@ -106,20 +111,50 @@ def inward_float32(box: Box) -> Box:
 
 
 def hard_metrics(
-    graph: Graph, box: Box, tasks: Sequence[SearchTask], *, chunk_size: int = 512
+    graph: Graph,
+    box: Box,
+    tasks: Sequence[SearchTask],
+    *,
+    chunk_size: int = 512,
+    proof: bool = True,
 ) -> tuple[float, ...]:
-    """Float64 hard certified metric of each task: the smaller of its value on the gradient
-    samples and on the validation samples (a candidate is feasible only if both meet τ')."""
+    """Hard certified metric of each task: the smaller of its value on the gradient samples
+    and on the validation samples (a candidate is feasible only if both meet τ').
+
+    With `proof=True` (the default) every sample is proved in float64 with its rounding
+    allowance. `proof=False` is a float32 guide without allowance, used only to steer the
+    choice of candidates; whatever the search returns is re-checked with `proof=True`.
+    """
     out = []
     for task in tasks:
         values = []
         for x, y in ((task.x, task.y), (task.x_val, task.y_val)):
             if x.shape[0] == 0:
                 continue
-            mask, _ = certify_samples(graph, box, x, y, chunk_size=chunk_size)
+            if proof:
+                mask, _ = certify_samples(graph, box, x, y, chunk_size=chunk_size)
+            else:
+                mask = _guide_mask(graph, box, x, y, chunk_size=chunk_size)
             values.append(empirical_metric(mask, y.to(mask.device), task.metric))
         out.append(min(values))
     return tuple(out)
+
+
+def _guide_mask(graph: Graph, box: Box, x: Tensor, y: Tensor, *, chunk_size: int) -> Tensor:
+    """Float32 certified mask (no rounding allowance): a fast, unproved guide."""
+    box32 = box.to(torch.float32, x.device)
+    with torch.no_grad():
+        masks = [
+            margin_bounds(
+                graph,
+                box32.lower,
+                box32.upper,
+                x[i : i + chunk_size].to(torch.float32),
+                y[i : i + chunk_size].to(x.device),
+            ).certified()
+            for i in range(0, x.shape[0], chunk_size)
+        ]
+    return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
 def fisher_importance(
@@ -254,26 +289,38 @@ def shrink_to_feasible(
 ) -> tuple[Box, tuple[float, ...], float]:
     """Largest scale s in [0, 1] (bisection) such that θ0 + s (T - θ0) meets every target.
 
-    Inclusion-isotone bounds make certification monotone in s, so bisection is valid.
+    Inclusion-isotone bounds make certification monotone in s, so bisection is valid. The
+    bisection runs on the float32 guide (fast); the scale it finds is then proved in float64,
+    and if the proof falls short a float64 bisection continues below it, so the returned box
+    always meets the targets in float64 (or is the point box θ0 when even θ0 fails).
 
     Returns:
-        (box, its hard metrics, s); s = 0 with the point box when even θ0 fails.
+        (box, its float64 hard metrics, s).
     """
-    hard = hard_metrics(graph, box, tasks)
-    if all(h >= t.target for h, t in zip(hard, tasks, strict=True)):
-        return box, hard, 1.0
-    lo, hi = 0.0, 1.0
-    best = _scale_box(box, theta0, 0.0)
-    best_hard = hard_metrics(graph, best, tasks)
-    for _ in range(SHRINK_STEPS):
-        mid = (lo + hi) / 2
-        candidate = _scale_box(box, theta0, mid)
-        mid_hard = hard_metrics(graph, candidate, tasks)
-        if all(h >= t.target for h, t in zip(mid_hard, tasks, strict=True)):
-            lo, best, best_hard = mid, candidate, mid_hard
-        else:
-            hi = mid
-    return best, best_hard, lo
+
+    def meets(hard: Sequence[float]) -> bool:
+        return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
+
+    def bisect(lo: float, hi: float, steps: int, proof: bool) -> float:
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            candidate = _scale_box(box, theta0, mid)
+            if meets(hard_metrics(graph, candidate, tasks, proof=proof)):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
+    scale = 1.0
+    if not meets(hard_metrics(graph, box, tasks, proof=False)):
+        scale = bisect(0.0, 1.0, SHRINK_STEPS, proof=False)
+    candidate = _scale_box(box, theta0, scale)
+    hard = hard_metrics(graph, candidate, tasks)
+    if meets(hard) or scale == 0.0:
+        return candidate, hard, scale
+    scale = bisect(0.0, scale, SHRINK_STEPS_PROOF, proof=True)
+    candidate = _scale_box(box, theta0, scale)
+    return candidate, hard_metrics(graph, candidate, tasks), scale
 
 
 def search_lid(
@@ -366,7 +413,8 @@ def search_lid(
             on_step(step)
         if it % config.checkpoint_every == 0 or it == config.iterations:
             box = widths.box()
-            checkpoints.append(Checkpoint(it, box, hard_metrics(graph, box, tasks), mean_width))
+            hard_guide = hard_metrics(graph, box, tasks, proof=False)
+            checkpoints.append(Checkpoint(it, box, hard_guide, mean_width))
     return _choose(graph, theta0, widths.box(), checkpoints, tasks, config, history)
 
 
@@ -379,23 +427,35 @@ def _choose(
     config: SearchSection,
     history: list[SearchStep],
 ) -> SearchResult:
+    """The widest candidate proved feasible in float64: a checkpoint or the shrunk final box.
+
+    Checkpoint metrics are the float32 guide; a checkpoint is only chosen after its float64
+    proof meets every target.
+    """
+
     def meets(hard: Sequence[float]) -> bool:
         return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
 
     if not config.shrink:
-        hard = checkpoints[-1].hard if checkpoints else hard_metrics(graph, final, tasks)
+        hard = hard_metrics(graph, final, tasks)
         return SearchResult(final, hard, meets(hard), "final box (no shrink)", checkpoints, history)
-    feasible = [c for c in checkpoints if meets(c.hard)]
-    best_ck = max(feasible, key=lambda c: c.box.size(config.size), default=None)
     shrunk, shrunk_hard, factor = shrink_to_feasible(graph, final, theta0, tasks)
-    if best_ck is not None and best_ck.box.size(config.size) >= shrunk.size(config.size):
-        return SearchResult(
-            best_ck.box,
-            best_ck.hard,
-            True,
-            f"checkpoint {best_ck.iteration}",
-            checkpoints,
-            history,
-        )
+    shrunk_size = shrunk.size(config.size)
+    guided = sorted(
+        (c for c in checkpoints if meets(c.hard)), key=lambda c: -c.box.size(config.size)
+    )
+    for candidate in guided:
+        if candidate.box.size(config.size) < shrunk_size:
+            break
+        proved = hard_metrics(graph, candidate.box, tasks)
+        if meets(proved):
+            return SearchResult(
+                candidate.box,
+                proved,
+                True,
+                f"checkpoint {candidate.iteration}",
+                checkpoints,
+                history,
+            )
     chosen = "final box" if factor == 1.0 else f"final box shrunk by {factor:.4f}"
     return SearchResult(shrunk, shrunk_hard, meets(shrunk_hard), chosen, checkpoints, history)
