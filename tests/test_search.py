@@ -56,3 +56,28 @@ def test_box_corners_are_float32_and_contain_theta0(searched) -> None:
     for name, lower in result.box.lower.items():
         assert torch.equal(lower, lower.float().double())
         assert torch.equal(result.box.upper[name], result.box.upper[name].float().double())
+
+
+@pytest.mark.parametrize("kind", ["fisher", "si"])
+def test_importance_ranks_used_weights_above_dead_inputs(kind: str) -> None:
+    """Weights reading a constant-zero input feature get no importance; used ones do."""
+    from tests.tiny_nets import random_mlp
+    from verifier.search import fisher_importance, frozen_by_importance, si_importance
+
+    gen = torch.Generator().manual_seed(3)
+    graph = random_mlp((6, 8, 3), gen, torch.float32)
+    x = torch.randn(256, 6, generator=gen)
+    x[:, :2] = 0.0  # features 0 and 1 never fire: their first-layer weights cannot matter
+    y = torch.randint(0, 3, (256,), generator=gen)
+    names = list(graph.parameters)
+    if kind == "si":
+        scores = si_importance(graph, names, x, y, generator=gen)
+    else:
+        scores = fisher_importance(graph, names, x, y)
+    first = scores["fc0.weight"]
+    assert bool((first[:, :2] == 0).all())
+    assert float(first[:, 2:].sum()) > 0.0
+    frozen = frozen_by_importance(scores, 0.1)
+    assert bool(frozen["fc0.weight"][:, :2].all())  # the dead entries are the first frozen
+    before = {n: t.clone() for n, t in graph.parameters.items()}
+    assert all(torch.equal(before[n], graph.parameters[n]) for n in names)  # graph untouched
