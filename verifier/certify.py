@@ -25,7 +25,9 @@ from scipy import stats
 from torch import Tensor
 
 from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, margin_bounds
+from verifier.bounds.zonotope import zonotope_margin_bounds
 from verifier.domains.box import Box
+from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
 
 BoundKind = Literal["clopper-pearson", "hoeffding"]
@@ -102,7 +104,7 @@ class TaskCertificate:
 
 def certify_samples(
     graph: Graph,
-    box: Box,
+    box: Box | Zonotope,
     x: Tensor,
     y: Tensor,
     *,
@@ -114,7 +116,10 @@ def certify_samples(
 
     Args:
         graph: the network.
-        box: the region of parameters.
+        box: the region of parameters: a Box, or a Zonotope (then the zonotope bounds of
+            `verifier.bounds.zonotope`, which include "ibp" over its interval hull; "crown-ibp"
+            and "best" add auto_LiRPA over the hull, a sound superset, and "midrad" is
+            dominated by "ibp" there).
         x: inputs, shape (n, *input_shape).
         y: labels, shape (n,).
         method: "ibp" (exact intervals), "midrad", "crown-ibp" (auto_LiRPA, Linear boxes
@@ -133,7 +138,10 @@ def certify_samples(
             xb = x[start : start + chunk_size].to(torch.float64)
             yb = y[start : start + chunk_size].to(device)
             ok = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
-            proofs = _proofs(graph, box64, xb, yb, method)
+            if isinstance(box64, Zonotope):
+                proofs = _zonotope_proofs(graph, box64, xb, yb, method)
+            else:
+                proofs = _proofs(graph, box64, xb, yb, method)
             for bounds in proofs:
                 ok |= bounds.certified()
             first = proofs[0].lower
@@ -164,6 +172,19 @@ def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) ->
         assert ibp.rounding is not None
         crown = MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9)
         out = [combine_margin_bounds(ibp, crown)] if method == "best" else [crown]
+    return out
+
+
+def _zonotope_proofs(
+    graph: Graph, zonotope: Zonotope, x: Tensor, y: Tensor, method: CertMethod
+) -> list[MarginBounds]:
+    out = [
+        zonotope_margin_bounds(
+            graph, zonotope.lower, zonotope.upper, zonotope.generators, x, y, track_rounding=True
+        )
+    ]
+    if method in ("crown-ibp", "best"):
+        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, "crown-ibp"))
     return out
 
 

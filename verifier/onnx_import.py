@@ -26,23 +26,25 @@ Choices worth knowing:
 - **Not supported**: Softmax/LogSoftmax (export logits instead), branches and skip connections,
   several inputs or outputs, Pad, Transpose of computed tensors, 1-D/3-D conv and pooling, dilated
   average pooling, quantised (integer) weights, non-default domains.
+
+Reading and checking the file live in `verifier.onnx_reading`, constant folding in
+`verifier.onnx_constants`, reshape arithmetic in `verifier.onnx_shapes`; cutting a larger model
+at its first boxed parameter (a frozen prefix run by onnxruntime) in `verifier.onnx_prefix`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnx.inliner
 import torch
-from onnx import NodeProto, TensorProto, numpy_helper
-from onnx.reference import ReferenceEvaluator
+from onnx import NodeProto, TensorProto
 
 from verifier.errors import GraphError
 from verifier.graph import (
@@ -57,6 +59,17 @@ from verifier.graph import (
     Reshape,
     apply_op,
 )
+from verifier.onnx_constants import SHAPE_SOURCES, ConstantFolder
+from verifier.onnx_reading import (
+    check_model,
+    load_checked_model,
+    node_attributes,
+    one_line,
+    read_model,
+)
+from verifier.onnx_shapes import reshape_rule
+
+__all__ = ["SUPPORTED_OPS", "check_model", "graph_from_model", "load_graph", "read_model"]
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 _ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -72,8 +85,12 @@ _SUPPORTED = (
     | _POOLS
     | _PASS_THROUGH
 )
-_SHAPE_SOURCES = {"Shape", "Size"}
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli"}
+SUPPORTED_OPS = frozenset(_SUPPORTED)
+"""ONNX op types (default domain) that map onto the bound engine's ops."""
+_CUT_HINT = (
+    ' (or box only parameters after it, e.g. `parameters: ["head.*"]` in the spec, so that '
+    "the part before them runs frozen in onnxruntime)"
+)
 _HINTS = {"Pad": "fold the padding into the following Conv (padding=... in torch)"}
 
 
@@ -94,94 +111,28 @@ def load_graph(path: Path) -> Graph:
             than (batch, n_classes).
     """
     path = Path(path)
-    model = read_model(path)
-    check_model(model, path)
-    if model.functions:
-        model = onnx.inliner.inline_local_functions(model)
-    # not strict: onnx's inference disagrees with onnxruntime on some ceil_mode pools (see
-    # graph.pool_output_size), so an inference error is not proof of a bad model; our own shape
-    # propagation through the mapped ops catches real mismatches, naming the node
-    try:
-        model = onnx.shape_inference.infer_shapes(
-            model, check_type=True, strict_mode=False, data_prop=True
-        )
-    except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes is bad input
-        raise GraphError(
-            f"{path}: ONNX shape inference fails ({_one_line(err)}); "
-            "the model is inconsistent, re-export it"
-        ) from err
+    return graph_from_model(load_checked_model(path), path, stacklevel=3)
+
+
+def graph_from_model(model: onnx.ModelProto, path: Path, *, stacklevel: int = 2) -> Graph:
+    """Map a checked, shape-inferred model (see `load_checked_model`) onto a chain of ops.
+
+    Args:
+        model: the model, local functions inlined, inferred shapes in `graph.value_info`.
+        path: the file it came from, for messages.
+        stacklevel: passed to `warnings.warn` for the dtype-conversion notes.
+
+    Returns:
+        The graph, as `load_graph` describes it.
+
+    Raises:
+        GraphError: as `load_graph`.
+    """
     builder = _ChainBuilder(path, model)
     graph = builder.build()
     for note in builder.notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=stacklevel)
     return graph
-
-
-def read_model(path: Path) -> onnx.ModelProto:
-    """Read an ONNX file, turning every way it can be unreadable into one GraphError.
-
-    Args:
-        path: path to an .onnx file.
-
-    Returns:
-        The decoded model, external data loaded.
-
-    Raises:
-        GraphError: the file is missing, not a file, empty, truncated or not ONNX.
-    """
-    if not path.exists():
-        raise GraphError(f"{path}: no such file; check the model path")
-    if not path.is_file():
-        raise GraphError(f"{path}: not a file; give the path of an .onnx model")
-    if path.stat().st_size == 0:
-        raise GraphError(f"{path}: the file is empty; re-export the model")
-    try:
-        model = onnx.load(str(path))
-    except OSError as err:  # the model itself was readable, so this is its external data
-        raise GraphError(
-            f"{path}: cannot read the model's external data ({_one_line(err)}); keep the "
-            "weight files next to the model"
-        ) from err
-    except Exception as err:  # noqa: BLE001 - protobuf decode errors vary by version
-        raise GraphError(
-            f"{path}: not a readable ONNX model ({type(err).__name__}: {_one_line(err)}); "
-            "the file is truncated, not ONNX, or misses its external weight files; re-export it"
-        ) from err
-    if not model.HasField("graph"):
-        raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
-    return model
-
-
-def check_model(model: onnx.ModelProto, path: Path) -> None:
-    """Run `onnx.checker.check_model`, turning a rejection into a GraphError naming the file.
-
-    Args:
-        model: the decoded model.
-        path: the file it came from (or goes to), for the message.
-
-    Raises:
-        GraphError: the checker rejects the model.
-    """
-    try:
-        onnx.checker.check_model(model)
-    except Exception as err:  # noqa: BLE001 - the checker raises several types
-        raise GraphError(
-            f"{path}: the ONNX checker rejects the model ({_one_line(err)}); "
-            "re-export it or repair the file"
-        ) from err
-
-
-def _one_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _attrs(node: NodeProto) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for attr in node.attribute:
-        value = onnx.helper.get_attribute_value(attr)
-        out[attr.name] = value.decode() if isinstance(value, bytes) else value
-    return out
 
 
 def _prod(dims: Iterable[int]) -> int:
@@ -200,11 +151,11 @@ class _ChainBuilder:
         # id(node) is stable for this builder
         self.nodes = list(self.graph.node)
         self.names = {id(n): n.name or f"{n.op_type}_{i}" for i, n in enumerate(self.nodes)}
-        self.constants: dict[str, np.ndarray] = {}
-        # tensor -> (initializer or Constant output it is a view of, transposed?)
-        self.sources: dict[str, tuple[str, bool]] = {}
-        # tensor -> every initializer or Constant output its value depends on
-        self.roots: dict[str, frozenset[str]] = {}
+        self.folder = ConstantFolder(path, self.opset, self.names)
+        # shared with the folder: constant values, initializer views and root initializers
+        self.constants = self.folder.values
+        self.sources = self.folder.sources
+        self.roots = self.folder.roots
         self.producer: dict[str, NodeProto] = {}
         self.consumers: dict[str, list[tuple[NodeProto, int]]] = {}
         self.shape_tensors: set[str] = set()
@@ -221,16 +172,16 @@ class _ChainBuilder:
 
     # ----------------------------------------------------------------- messages
     def where(self, node: NodeProto) -> str:
-        return f"{self.path}: node '{self.names[id(node)]}' ({node.op_type})"
+        return self.folder.where(node)
 
     def fail(self, node: NodeProto, what: str) -> GraphError:
-        return GraphError(f"{self.where(node)}: {what}")
+        return self.folder.fail(node, what)
 
     # ----------------------------------------------------------------- top level
     def build(self) -> Graph:
         if self.graph.sparse_initializer:
             raise GraphError(f"{self.path}: sparse initializers are not supported; densify them")
-        self._read_initializers()
+        self.folder.add_initializers(self.graph)
         input_name, input_shape, fixed_batch = self._graph_input()
         output_name = self._graph_output()
         self.batches = (fixed_batch,) if fixed_batch else (1, 2, 3)
@@ -252,23 +203,6 @@ class _ChainBuilder:
             output_name=output_name,
             n_classes=shape[0],
         )
-
-    def _read_initializers(self) -> None:
-        for init in self.graph.initializer:
-            value = numpy_helper.to_array(init)
-            self._add_constant(init.name, value, origin=f"initializer '{init.name}'")
-            self.sources[init.name] = (init.name, False)
-            self.roots[init.name] = frozenset({init.name})
-
-    def _add_constant(self, name: str, value: np.ndarray, *, origin: str) -> None:
-        if value.dtype.kind == "f" or value.dtype.name == "bfloat16":
-            finite = np.isfinite(value if value.dtype.kind == "f" else value.astype(np.float32))
-            if not finite.all():
-                raise GraphError(
-                    f"{self.path}: {origin} contains NaN or Inf ({int((~finite).sum())} of "
-                    f"{value.size} entries); fix the weights or re-train the model"
-                )
-        self.constants[name] = value
 
     def _graph_input(self) -> tuple[str, tuple[int, ...], int | None]:
         inits = {i.name for i in self.graph.initializer}
@@ -326,100 +260,33 @@ class _ChainBuilder:
                 raise self.fail(
                     node, f"ops of domain '{node.domain}' are not supported; export standard ONNX"
                 )
-            inputs = [i for i in node.input if i]
-            if node.op_type == "Constant":
-                self._fold_constant_node(node)
-            elif node.op_type == "CastLike" and node.input[0] in self.constants:
-                self._fold_cast_like(node)
-            elif (
-                inputs and node.op_type not in _RANDOM and all(i in self.constants for i in inputs)
+            if self.folder.try_fold(node, self.inferred):
+                continue
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for index, name in enumerate(node.input):
+                if name and name not in self.constants:
+                    self.consumers.setdefault(name, []).append((node, index))
+            dynamic = [i for i in node.input if i and i not in self.constants]
+            if node.op_type in SHAPE_SOURCES or (
+                dynamic and all(i in self.shape_tensors for i in dynamic)
             ):
-                self._fold(node)
-            else:
-                for out in node.output:
-                    if out:
-                        self.producer[out] = node
-                for index, name in enumerate(node.input):
-                    if name and name not in self.constants:
-                        self.consumers.setdefault(name, []).append((node, index))
-                dynamic = [i for i in inputs if i not in self.constants]
-                if node.op_type in _SHAPE_SOURCES or (
-                    dynamic and all(i in self.shape_tensors for i in dynamic)
-                ):
-                    self.shape_tensors.update(o for o in node.output if o)
-                elif node.op_type not in _SUPPORTED:
-                    raise self.fail(node, self._unsupported(node))
+                self.shape_tensors.update(o for o in node.output if o)
+            elif node.op_type not in _SUPPORTED:
+                raise self.fail(node, self._unsupported(node))
 
     def _unsupported(self, node: NodeProto) -> str:
         what = f"op type '{node.op_type}' is not supported"
         if node.op_type in ("Softmax", "LogSoftmax"):
             if node.output[0] == self.graph.output[0].name:
                 return f"{what}; the bound engine needs logits: export without the final Softmax"
-            return f"{what} inside the network; only a chain of the supported ops can be bounded"
-        return f"{what}; {_HINTS.get(node.op_type, 'rewrite the model with supported ops')}"
-
-    def _fold_constant_node(self, node: NodeProto) -> None:
-        attrs = _attrs(node)
-        out = node.output[0]
-        if "value" in attrs:
-            value = numpy_helper.to_array(attrs["value"])
-        elif "value_float" in attrs:
-            value = np.array(attrs["value_float"], dtype=np.float32)
-        elif "value_floats" in attrs:
-            value = np.array(attrs["value_floats"], dtype=np.float32)
-        elif "value_int" in attrs:
-            value = np.array(attrs["value_int"], dtype=np.int64)
-        elif "value_ints" in attrs:
-            value = np.array(attrs["value_ints"], dtype=np.int64)
-        else:
-            raise self.fail(node, "only dense tensor, float and int Constant values are supported")
-        self._add_constant(out, value, origin=f"Constant node '{self.names[id(node)]}'")
-        self.sources[out] = (out, False)
-        self.roots[out] = frozenset({out})
-
-    def _fold_cast_like(self, node: NodeProto) -> None:
-        """CastLike(constant, t) only reads t's element type: fold it as a Cast."""
-        target = self.inferred.get(node.input[1])
-        elem_type = target.type.tensor_type.elem_type if target is not None else 0
-        if not elem_type:
-            raise self.fail(node, f"the element type of '{node.input[1]}' is unknown")
-        cast = onnx.helper.make_node(
-            "Cast", [node.input[0]], [node.output[0]], name=node.name, to=elem_type
-        )
-        self.names[id(cast)] = self.names[id(node)]
-        self._fold(cast)
-
-    def _fold(self, node: NodeProto) -> None:
-        feeds = {i: self.constants[i] for i in node.input if i}
-        values = self._evaluate(node, feeds)
-        # Shape and Size read no values, so the result does not depend on the tensor's entries
-        value_inputs = [] if node.op_type in _SHAPE_SOURCES else list(feeds)
-        roots = frozenset().union(*(self.roots.get(i, frozenset()) for i in value_inputs))
-        for out, value in zip(node.output, values, strict=False):
-            if not out:
-                continue
-            self._add_constant(
-                out, np.asarray(value), origin=f"constant output '{out}' of {self.where(node)}"
+            return (
+                f"{what} inside the network; only a chain of the supported ops can be bounded"
+                f"{_CUT_HINT}"
             )
-            self.roots[out] = roots
-        source = self.sources.get(node.input[0]) if node.input else None
-        if source is None:
-            return
-        op = node.op_type
-        to_float = _attrs(node).get("to") in (TensorProto.FLOAT, TensorProto.DOUBLE)
-        if op == "Identity" or (op == "Cast" and to_float):
-            self.sources[node.output[0]] = source
-        elif op == "Transpose" and self.constants[node.input[0]].ndim == 2:
-            if list(_attrs(node).get("perm", [1, 0])) == [1, 0]:
-                self.sources[node.output[0]] = (source[0], not source[1])
-
-    def _evaluate(self, node: NodeProto, feeds: dict[str, np.ndarray]) -> list[Any]:
-        try:
-            return list(ReferenceEvaluator(node, opsets={"": self.opset}).run(None, feeds))
-        except Exception as err:  # noqa: BLE001 - the reference evaluator raises many types
-            raise self.fail(
-                node, f"cannot evaluate this constant computation ({_one_line(err)})"
-            ) from err
+        hint = _HINTS.get(node.op_type, "rewrite the model with supported ops")
+        return f"{what}; {hint}{_CUT_HINT}"
 
     def _constant(self, node: NodeProto, name: str) -> np.ndarray:
         """A constant used as a constant (not a parameter); remember where it came from."""
@@ -466,7 +333,7 @@ class _ChainBuilder:
     def _users(self, tensor: str) -> list[NodeProto]:
         users: list[NodeProto] = []
         for node, _ in self.consumers.get(tensor, []):
-            if node.op_type not in _SHAPE_SOURCES and all(node is not u for u in users):
+            if node.op_type not in SHAPE_SOURCES and all(node is not u for u in users):
                 users.append(node)
         return users
 
@@ -557,7 +424,7 @@ class _ChainBuilder:
             out = apply_op(op, torch.empty((1, *shape), device="meta"), self.parameters)
         except Exception as err:  # noqa: BLE001 - torch reports shape errors in several types
             raise self.fail(
-                node, f"cannot be applied to a sample of shape {shape} ({_one_line(err)})"
+                node, f"cannot be applied to a sample of shape {shape} ({one_line(err)})"
             ) from err
         return tuple(out.shape[1:])
 
@@ -614,7 +481,7 @@ class _ChainBuilder:
         return None, np.broadcast_to(constant.reshape(-1), (n_out,)).copy()
 
     def _gemm(self, node: NodeProto, shape: tuple[int, ...]) -> Linear:
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         if attrs.get("transA", 0):
             raise self.fail(node, "transA=1 is not supported; export x @ W with transA=0")
         if len(shape) != 1:
@@ -659,10 +526,10 @@ class _ChainBuilder:
         return [op], out
 
     def _shape_users(self, tensor: str) -> bool:
-        return any(n.op_type in _SHAPE_SOURCES for n, _ in self.consumers.get(tensor, []))
+        return any(n.op_type in SHAPE_SOURCES for n, _ in self.consumers.get(tensor, []))
 
     def _conv(self, node: NodeProto, shape: tuple[int, ...]) -> Conv:
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         if len(shape) != 3:
             raise self.fail(node, f"only 2-D convolution (NCHW) is supported; input {shape}")
         source, transposed = self._weight(node, node.input[1])
@@ -718,7 +585,7 @@ class _ChainBuilder:
         return (begin[0], begin[1], end[0], end[1])
 
     def _batchnorm(self, node: NodeProto, shape: tuple[int, ...], ops: list[Op]) -> list[Op]:
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         if attrs.get("training_mode", 0):
             raise self.fail(node, "training_mode=1; export the model in eval mode")
         if len(node.input) != 5 or not all(i in self.constants for i in node.input[1:]):
@@ -775,14 +642,14 @@ class _ChainBuilder:
         if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
             if bool(np.asarray(self._constant(node, node.input[2])).item()):
                 raise self.fail(node, "training_mode is true; export the model in eval mode")
-        if node.op_type == "Cast" and _attrs(node).get("to") not in (
+        if node.op_type == "Cast" and node_attributes(node).get("to") not in (
             TensorProto.FLOAT,
             TensorProto.DOUBLE,
         ):
             raise self.fail(node, "only casts to float32 or float64 are supported")
 
     def _pool(self, node: NodeProto, shape: tuple[int, ...]) -> Pool:
-        attrs = _attrs(node)
+        attrs = node_attributes(node)
         if len(shape) != 3:
             raise self.fail(node, f"only 2-D pooling (NCHW) is supported; input {shape}")
         function = "max" if "Max" in node.op_type else "average"
@@ -814,7 +681,7 @@ class _ChainBuilder:
         for batch in self.batches:
             full = (batch, *shape)
             try:
-                results[batch] = self._reshape_rule(node)(full, batch)
+                results[batch] = reshape_rule(node, self._shape_value)(full, batch)
             except ValueError as err:
                 problems.append(f"input {full}: {err}")
             else:
@@ -830,51 +697,6 @@ class _ChainBuilder:
             )
         return next(iter(rests))
 
-    def _reshape_rule(self, node: NodeProto) -> Callable[[tuple[int, ...], int], tuple[int, ...]]:
-        attrs = _attrs(node)
-        op = node.op_type
-        if op == "Flatten":
-
-            def flatten(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
-                axis = int(attrs.get("axis", 1))
-                axis = axis + len(full) if axis < 0 else axis
-                return (_prod(full[:axis]), _prod(full[axis:]))
-
-            return flatten
-        if op == "Reshape":
-            allowzero = bool(attrs.get("allowzero", 0))
-            return lambda full, batch: _onnx_reshape(
-                full, self._shape_value(node.input[1], batch), allowzero
-            )
-
-        def axes(full: tuple[int, ...], batch: int, rank: int) -> list[int] | None:
-            if len(node.input) > 1 and node.input[1]:
-                raw = self._shape_value(node.input[1], batch)
-            elif "axes" in attrs:
-                raw = list(attrs["axes"])
-            else:
-                return None
-            return sorted(a + rank if a < 0 else a for a in raw)
-
-        if op == "Squeeze":
-
-            def squeeze(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
-                chosen = axes(full, batch, len(full))
-                if chosen is None:
-                    chosen = [i for i, d in enumerate(full) if d == 1]
-                return tuple(d for i, d in enumerate(full) if i not in chosen)
-
-            return squeeze
-
-        def unsqueeze(full: tuple[int, ...], batch: int) -> tuple[int, ...]:
-            rank = len(full) + len(axes(full, batch, 0) or [])
-            out = list(full)
-            for a in axes(full, batch, rank) or []:
-                out.insert(a, 1)
-            return tuple(out)
-
-        return unsqueeze
-
     def _shape_value(self, name: str, batch: int) -> list[int]:
         """Value of a shape tensor for a given batch size (constant or Shape-derived)."""
         if name in self.constants:
@@ -887,7 +709,7 @@ class _ChainBuilder:
         if name in memo:
             return memo[name]
         node = self.producer[name]
-        if node.op_type in _SHAPE_SOURCES:
+        if node.op_type in SHAPE_SOURCES:
             source = node.input[0]
             if source not in self.chain_shapes:
                 raise self.fail(node, f"takes the shape of '{source}', which is not yet computed")
@@ -895,40 +717,15 @@ class _ChainBuilder:
             if node.op_type == "Size":
                 values = [np.array(_prod(full), dtype=np.int64)]
             else:
-                attrs = _attrs(node)
+                attrs = node_attributes(node)
                 start, end = attrs.get("start", 0), attrs.get("end")
                 values = [full[start:end]]
         else:
             feeds = {i: self._eval_shape(i, batch, memo) for i in node.input if i}
-            values = self._evaluate(node, feeds)
+            values = self.folder.evaluate(node, feeds)
         for out, value in zip(node.output, values, strict=False):
             memo[out] = np.asarray(value)
         return memo[name]
-
-
-def _onnx_reshape(full: tuple[int, ...], spec: list[int], allowzero: bool) -> tuple[int, ...]:
-    """Output shape of ONNX Reshape(data of shape `full`, shape=spec)."""
-    out: list[int] = []
-    for i, s in enumerate(spec):
-        if s == 0 and not allowzero:
-            if i >= len(full):
-                raise ValueError(f"shape {spec} copies axis {i}, which the input lacks")
-            out.append(full[i])
-        elif s < -1:
-            raise ValueError(f"shape {spec} has a negative size")
-        else:
-            out.append(s)
-    if out.count(-1) > 1:
-        raise ValueError(f"shape {spec} has several -1 entries")
-    total = _prod(full)
-    if -1 in out:
-        known = _prod(d for d in out if d != -1)
-        if known == 0 or total % known:
-            raise ValueError(f"shape {spec} does not divide {total} elements")
-        out[out.index(-1)] = total // known
-    if _prod(out) != total:
-        raise ValueError(f"shape {spec} does not hold {total} elements")
-    return tuple(out)
 
 
 def _identity_scale(n_out: int) -> AffineScale:

@@ -40,9 +40,10 @@ from verifier.domains.io import (
     tensors_sha256,
     write_text_atomic,
 )
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, SpecError
 from verifier.graph import Graph
-from verifier.onnx_import import load_graph
+from verifier.onnx_prefix import load_bounded_graph, prefix_progress
 from verifier.report.certificate import build_certificate
 from verifier.search import (
     SearchResult,
@@ -51,6 +52,7 @@ from verifier.search import (
     fisher_importance,
     frozen_by_importance,
     search_lid,
+    si_importance,
 )
 from verifier.spec import DataSection, Spec, TaskSection, spec_hash
 
@@ -151,8 +153,10 @@ def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask
         n_eff = x_cert.shape[0]
         beta = spec.certify.beta
         if section.metric == "balanced_accuracy":
-            n_classes = max(int(torch.unique(y_cert).numel()), 1)
-            n_eff, beta = max(n_eff // n_classes, 1), beta / n_classes
+            # per-class bounds at beta / C; the rarest class needs the highest rate
+            counts = torch.unique(y_cert, return_counts=True)[1]
+            n_classes = max(int(counts.numel()), 1)
+            n_eff, beta = max(int(counts.min()), 1), beta / n_classes
         search_target = required_rate(target, n_eff, beta, spec.certify.bound)
     else:
         search_target = target + float(slack)
@@ -192,7 +196,12 @@ def _frozen_masks(spec: Spec, graph: Graph, names: list[str]) -> dict[str, Tenso
         raise SpecError("search.importance.lookahead: required when importance.kind is set")
     data = load_task_data(importance.lookahead, graph)
     count = min(importance.n_samples, len(data))
-    scores = fisher_importance(graph, names, data.x[:count], data.y[:count])
+    x, y = data.x[:count], data.y[:count]
+    if importance.kind == "si":
+        generator = torch.Generator().manual_seed(spec.search.seed)
+        scores = si_importance(graph, names, x, y, generator=generator)
+    else:
+        scores = fisher_importance(graph, names, x, y)
     return frozen_by_importance(scores, importance.fraction)
 
 
@@ -217,7 +226,7 @@ def software_versions() -> dict[str, str]:
 
 def certify_prepared(
     graph: Graph,
-    box: Box,
+    box: Box | Zonotope,
     task: PreparedTask,
     spec: Spec,
     *,
@@ -258,7 +267,8 @@ def run_lid(
     if run_device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device '{run_device}' requested but CUDA is not available here")
     model_path = Path(spec.model)
-    graph = load_graph(model_path)
+    # issue 11: the whole model, or its suffix after the frozen prefix (onnxruntime)
+    graph = load_bounded_graph(model_path, spec.parameters, on_batch=prefix_progress(phase))
     names = select_parameters(graph, spec.parameters)
     phase("preparing data")
     tasks = [prepare_task(spec, section, graph) for section in spec.tasks]
@@ -268,20 +278,46 @@ def run_lid(
         check_lid_matches(lid, graph.parameters, source=spec.outer_box)
         outer = lid.box
     frozen = _frozen_masks(spec, graph, names)
-    phase(f"searching a box over {sum(graph.parameters[n].numel() for n in names)} parameters")
-    result = search_lid(
-        graph,
-        [t.search for t in tasks],
-        spec.search,
-        names=names,
-        outer=outer,
-        frozen=frozen,
-        device=run_device,
-        on_step=on_step,
-    )
+    n_searched = sum(graph.parameters[n].numel() for n in names)
+    phase(f"searching a {spec.domain} over {n_searched} parameters")
+    domain: Box | Zonotope
+    if spec.domain == "zonotope":
+        from verifier.search_zonotope import search_zonotope_lid
+
+        ahead = spec.search.importance.lookahead
+        lookahead = None
+        if spec.zonotope.init == "lookahead" and ahead is not None:
+            ahead_data = load_task_data(ahead, graph)
+            lookahead = (ahead_data.x, ahead_data.y)
+        found = search_zonotope_lid(
+            graph,
+            [t.search for t in tasks],
+            spec.search,
+            spec.zonotope,
+            names=names,
+            outer=outer,
+            frozen=frozen,
+            device=run_device,
+            lookahead=lookahead,
+            on_step=on_step,
+        )
+        # the report sections describe the LID by its interval hull (sizes only)
+        domain, result = found.zonotope, found.as_search_result()
+    else:
+        result = search_lid(
+            graph,
+            [t.search for t in tasks],
+            spec.search,
+            names=names,
+            outer=outer,
+            frozen=frozen,
+            device=run_device,
+            on_step=on_step,
+        )
+        domain = result.box
     phase("certifying on held-out data (float64)")
     certificates = [
-        certify_prepared(graph, result.box, t, spec, method=spec.certify.method) for t in tasks
+        certify_prepared(graph, domain, t, spec, method=spec.certify.method) for t in tasks
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     theta0 = {n: graph.parameters[n] for n in names}
@@ -293,7 +329,7 @@ def run_lid(
         "certificate": json.dumps([c.to_json() for c in certificates]),
     }
     lid_path = out_dir / "lid.safetensors"
-    save_lid(lid_path, result.box, metadata)
+    save_lid(lid_path, domain, metadata)
     history = "".join(json.dumps(asdict(step)) + "\n" for step in result.history)
     write_text_atomic(out_dir / "history.jsonl", history)
     document = certificate_document(
@@ -363,11 +399,12 @@ def run_certify(
     The caller is responsible for the data being held out from the LID's search; the result
     records its hash.
     """
-    graph = load_graph(model_path)
     lid = load_lid(lid_path)
+    # issue 11: the LID's parameters say where a model with a frozen prefix is cut
+    graph = load_bounded_graph(model_path, list(lid.domain.lower))
     check_lid_matches(lid, graph.parameters, source=str(lid_path))
     data = validate_for_model(load_dataset(data_ref, split=split, data_dir=data_dir), graph)
-    mask, nonfinite = certify_samples(graph, lid.box, data.x, data.y, method=method)
+    mask, nonfinite = certify_samples(graph, lid.domain, data.x, data.y, method=method)
     cert = certify_task(
         mask,
         data.y,

@@ -68,9 +68,9 @@ class TaskSection(_Section):
 
 
 class ImportanceSection(_Section):
-    """Freezing the least important parameters (diagonal Fisher importance)."""
+    """Freezing the least important parameters (diagonal Fisher or Synaptic Intelligence)."""
 
-    kind: Literal["none", "fisher"] = "none"
+    kind: Literal["none", "fisher", "si"] = "none"
     fraction: float = Field(0.0, ge=0.0, lt=1.0, description="q: fraction of entries frozen.")
     lookahead: DataSection | None = Field(
         None, description="Next task's data: freeze the q entries least important for it."
@@ -119,6 +119,47 @@ class SearchSection(_Section):
         return value
 
 
+class ZonotopeSection(_Section):
+    """The zonotope domain (`domain: zonotope`): a box plus k generators shared by all
+    parameters, searched with the same primal-dual scheme (verifier/search_zonotope.py).
+
+    Size maximised: with w the box-part widths and p the free entries, `search.size`
+    mean_width gives S = (Σ_i w_i + 2 γ Σ_k ||G_k||) / p and mean_log_width gives
+    S = (Σ_i log w_i + γ Σ_k log(1 + 2 ||G_k|| / w_g)) / p (w_g: geometric mean width), where
+    γ = generator_weight and ||.|| is the Euclidean norm (`size: isotropic_width`: proportional
+    to T's mean width over random directions) or the L1 norm (`size: hull_width`: the interval
+    hull's mean width). The box search runs first; the zonotope starts from its box.
+    """
+
+    k: int = Field(8, ge=0, le=256, description="Number of generators; 0 is the box.")
+    init: Literal["random", "fisher", "lookahead"] = Field(
+        "random",
+        description="Initial generators: Gaussian entries; Gaussian entries scaled by "
+        "(F + mean F)^-1/2 with F the diagonal Fisher information on the search data; or "
+        "lookahead: the top-k principal directions of the next task's loss gradients "
+        "(data: search.importance.lookahead), pointing downhill.",
+    )
+    init_scale: float = Field(
+        1e-5, gt=0.0, description="Root-mean-square entry of the initial generators."
+    )
+    size: Literal["isotropic_width", "hull_width"] = "isotropic_width"
+    generator_weight: float = Field(
+        1.0, ge=0.0, description="γ: weight of the generator term in the size measure."
+    )
+    generator_lr: float = Field(
+        0.1,
+        gt=0.0,
+        description="Generators' learning rate relative to the box widths' (Adam moves every "
+        "entry at about the same rate, so generators at 1.0 outgrow what they add to S).",
+    )
+    iterations: int | None = Field(
+        None,
+        ge=0,
+        description="Steps of the second stage (generators and box together), after the box "
+        "search's search.iterations; null: search.iterations.",
+    )
+
+
 class CertifySection(_Section):
     """The held-out finite-sample certificate."""
 
@@ -139,7 +180,8 @@ class Spec(_Section):
     data: DataSection
     parameters: Literal["all"] | tuple[str, ...] = "all"
     tasks: tuple[TaskSection, ...] = (TaskSection(),)
-    domain: Literal["box"] = "box"
+    domain: Literal["box", "zonotope"] = "box"
+    zonotope: ZonotopeSection = ZonotopeSection()
     outer_box: str | None = Field(None, description="LID file the new box must lie inside.")
     search: SearchSection = SearchSection()
     certify: CertifySection = CertifySection()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from verifier.cli import lid, model, report, update
+from verifier.cli import embed, lid, model, report, update
 from verifier.cli.common import BadInput, ExitCode
 
 __all__ = ["BadInput", "ExitCode", "cli", "main"]
@@ -28,6 +28,7 @@ cli.add_command(lid.certify)
 cli.add_command(report.report)
 cli.add_command(report.verify)
 cli.add_command(update.project)
+cli.add_command(embed.embed)
 
 
 def main() -> None:

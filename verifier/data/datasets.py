@@ -168,8 +168,8 @@ class Dataset:
 def _unknown_name(ref: str) -> DataError:
     if ref.split("/")[0] in _TEXT_PREFIXES:
         return DataError(
-            f"'{ref}' is a text corpus, not a tensor data set; load it with "
-            "verifier.data.load_text_corpus and embed it first"
+            f"'{ref}' is a text corpus, not a tensor data set; embed it once with "
+            f"`verifier embed {ref} --encoder minilm` and name it '{ref}@minilm'"
         )
     return DataError(
         f"unknown data set '{ref}'; known: {', '.join(BUILTIN_DATASETS)}, "
@@ -193,6 +193,10 @@ def load_dataset(ref: str, *, split: str = "test", data_dir: Path | None = None)
     A ref ending in `.npz` is a user file: arrays `x`/`y` (the default split, also served for
     "test") and `x_<split>`/`y_<split>`; see `verifier.data.npz`.
 
+    A ref `<source>@<encoder>` (e.g. `tweeteval/offensive@minilm`, `cifar10@efficientnet-lite0`)
+    is the frozen-encoder features of a text corpus or of CIFAR-10, read from the embedding cache
+    that `verifier embed` fills (see `verifier.data.embeddings`); it is never computed here.
+
     Args:
         ref: a built-in name or a path to an .npz file.
         split: which split to load.
@@ -210,6 +214,11 @@ def load_dataset(ref: str, *, split: str = "test", data_dir: Path | None = None)
         arrays = npz_arrays(path, split)
         return Dataset.from_arrays(ref, split, arrays.x, arrays.y, arrays.n_classes)
     folder = default_data_dir() if data_dir is None else Path(data_dir)
+    if "@" in ref:  # issue 11: cached encoder features, e.g. "tweeteval/offensive@minilm"
+        from verifier.data.embeddings import cached_embeddings
+
+        x_np, y_np, n_classes = cached_embeddings(ref, split=split, data_dir=folder)
+        return Dataset.from_arrays(ref, split, x_np, y_np, n_classes)
     if ref == "digits":
         x, y = digits_arrays(split)
     elif ref == "mnist":
@@ -229,6 +238,10 @@ def validate_for_model(data: Dataset, graph: Graph) -> Dataset:
     order, the order of `torch.flatten` and ONNX Flatten: (n, 64) data for a (1, 8, 8) input,
     or MNIST's (n, 1, 28, 28) for a 784-input MLP. The bytes, and so the hash, are unchanged.
 
+    For a `verifier.onnx_prefix.PrefixedGraph` (a model cut at its first boxed parameter), raw
+    samples are first mapped to features by the frozen prefix (cached per data set); the result
+    keeps the raw data's `source_sha256`.
+
     Args:
         data: the data set.
         graph: the model.
@@ -240,6 +253,12 @@ def validate_for_model(data: Dataset, graph: Graph) -> Dataset:
         DataError: the sample shape does not fit, or a label is outside [0, graph.n_classes)
             (the message names the first bad label and its index).
     """
+    # issue 11 (frozen prefix): a graph cut from a larger model maps raw samples through its
+    # prefix (onnxruntime) first; samples already shaped like the cut tensor pass as features
+    from verifier.onnx_prefix import PrefixedGraph
+
+    if isinstance(graph, PrefixedGraph):
+        data = graph.prepare_data(data)
     where = f"data set '{data.name}' [{data.split}]"
     expected = tuple(graph.input_shape)
     found = data.sample_shape

@@ -1,0 +1,116 @@
+"""Reading an ONNX file into a checked, shape-inferred `onnx.ModelProto`.
+
+Every way an untrusted file can fail (missing, empty, truncated, not ONNX, missing external
+weights, rejected by `onnx.checker`, inconsistent shapes) becomes one `GraphError` that names
+the file and says what to do. `verifier.onnx_import` and `verifier.onnx_prefix` start here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx.inliner
+from onnx import NodeProto
+
+from verifier.errors import GraphError
+
+
+def load_checked_model(path: Path) -> onnx.ModelProto:
+    """Read, check, inline and shape-infer an ONNX model.
+
+    Args:
+        path: path to an .onnx file (external data is read relative to it).
+
+    Returns:
+        The model with local functions inlined and inferred shapes in `graph.value_info`.
+
+    Raises:
+        GraphError: the file is unreadable, the checker rejects it or shape inference fails.
+    """
+    model = read_model(path)
+    check_model(model, path)
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    # not strict: onnx's inference disagrees with onnxruntime on some ceil_mode pools (see
+    # graph.pool_output_size), so an inference error is not proof of a bad model; our own shape
+    # propagation through the mapped ops catches real mismatches, naming the node
+    try:
+        return onnx.shape_inference.infer_shapes(
+            model, check_type=True, strict_mode=False, data_prop=True
+        )
+    except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes is bad input
+        raise GraphError(
+            f"{path}: ONNX shape inference fails ({one_line(err)}); "
+            "the model is inconsistent, re-export it"
+        ) from err
+
+
+def read_model(path: Path) -> onnx.ModelProto:
+    """Read an ONNX file, turning every way it can be unreadable into one GraphError.
+
+    Args:
+        path: path to an .onnx file.
+
+    Returns:
+        The decoded model, external data loaded.
+
+    Raises:
+        GraphError: the file is missing, not a file, empty, truncated or not ONNX.
+    """
+    if not path.exists():
+        raise GraphError(f"{path}: no such file; check the model path")
+    if not path.is_file():
+        raise GraphError(f"{path}: not a file; give the path of an .onnx model")
+    if path.stat().st_size == 0:
+        raise GraphError(f"{path}: the file is empty; re-export the model")
+    try:
+        model = onnx.load(str(path))
+    except OSError as err:  # the model itself was readable, so this is its external data
+        raise GraphError(
+            f"{path}: cannot read the model's external data ({one_line(err)}); keep the "
+            "weight files next to the model"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - protobuf decode errors vary by version
+        raise GraphError(
+            f"{path}: not a readable ONNX model ({type(err).__name__}: {one_line(err)}); "
+            "the file is truncated, not ONNX, or misses its external weight files; re-export it"
+        ) from err
+    if not model.HasField("graph"):
+        raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
+    return model
+
+
+def check_model(model: onnx.ModelProto, path: Path) -> None:
+    """Run `onnx.checker.check_model`, turning a rejection into a GraphError naming the file.
+
+    Args:
+        model: the decoded model.
+        path: the file it came from (or goes to), for the message.
+
+    Raises:
+        GraphError: the checker rejects the model.
+    """
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:  # noqa: BLE001 - the checker raises several types
+        raise GraphError(
+            f"{path}: the ONNX checker rejects the model ({one_line(err)}); "
+            "re-export it or repair the file"
+        ) from err
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """The message of `err` on one line, cut to `limit` characters."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def node_attributes(node: NodeProto) -> dict[str, Any]:
+    """The attributes of an ONNX node as Python values (bytes decoded to str)."""
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        out[attr.name] = value.decode() if isinstance(value, bytes) else value
+    return out
