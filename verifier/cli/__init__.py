@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from verifier.cli import embed, lid, model, report, update
+from verifier.cli import crosscheck, embed, lid, model, report, update
 from verifier.cli.common import BadInput, ExitCode
 
 __all__ = ["BadInput", "ExitCode", "cli", "main"]
@@ -25,6 +25,7 @@ cli.add_command(model.inspect)
 cli.add_command(lid.lid)
 cli.add_command(lid.run)
 cli.add_command(lid.certify)
+cli.add_command(crosscheck.crosscheck)
 cli.add_command(report.report)
 cli.add_command(report.verify)
 cli.add_command(update.project)

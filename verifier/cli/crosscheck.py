@@ -1,0 +1,206 @@
+"""`verifier crosscheck`: bound-engine margins vs exact margins vs falsifiers on a LID."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from verifier.cli.common import (
+    JSON_OPT,
+    ExitCode,
+    data_dir_option,
+    emit_json,
+    input_errors_exit_2,
+)
+
+
+@contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+    """Point file descriptor 1 at stderr meanwhile: HiGHS and z3 print diagnostics straight to
+    fd 1, which would corrupt the results (JSON) this command writes to stdout afterwards.
+    Worker processes spawned meanwhile inherit the redirection."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no usable fd 1 (embedded use): nothing to protect
+        yield
+        return
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _gap_line(name: str, gap: dict[str, Any] | None) -> str:
+    if gap is None:
+        return f"  {name:<10} not computed"
+    if not gap["n"]:
+        return f"  {name:<10} no exact margins to compare"
+    return (
+        f"  {name:<10} mean {_fmt(gap['mean'])}  median {_fmt(gap['median'])}  "
+        f"max {_fmt(gap['max'])}  (n={gap['n']})"
+    )
+
+
+def render_crosscheck(doc: dict[str, Any]) -> str:
+    """A short human summary of a crosscheck.json document."""
+    summary = doc["summary"]
+    exact = summary["exact"]
+    crown = summary["certified_crown_ibp"]
+    lines = [
+        f"cross-check of {summary['n_samples']} samples of {doc['data']['name']} "
+        f"[{doc['data']['split']}], {summary['n_margins']} margins; exact: {doc['exact_method']}"
+        f" (timeout {doc['timeout_s']:g} s)",
+        f"certified: ibp {summary['certified_ibp']}/{summary['n_samples']}"
+        + ("" if crown is None else f", crown-ibp {crown}/{summary['n_samples']}"),
+        f"exact margins: {exact['solved']} solved, {exact['timeout']} timed out, "
+        f"{exact['skipped']} skipped",
+        "gap exact - bound (how loose each bound is):",
+        _gap_line("ibp", summary["gaps"]["ibp"]),
+        _gap_line("crown-ibp", summary["gaps"]["crown_ibp"]),
+        "gap falsified - bound (an upper bound on the looseness):",
+        _gap_line("ibp", summary["gaps_to_falsified"]["ibp"]),
+        _gap_line("crown-ibp", summary["gaps_to_falsified"]["crown_ibp"]),
+    ]
+    if summary["exact_inconsistent"]:
+        lines.append(
+            f"warning: {summary['exact_inconsistent']} exact minima lie above a falsified margin"
+        )
+    lines.append(
+        f"verdict: {summary['verdict']} ({summary['violations']} violations) "
+        f"in {summary['time_s']:.1f} s"
+    )
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("lid_path", type=click.Path(path_type=Path))
+@click.argument("data_ref")
+@click.option(
+    "--exact",
+    "exact",
+    type=click.Choice(["auto", "milp", "smt", "none"]),
+    default="auto",
+    show_default=True,
+    help="Exact worst-case margins: closed form / MILP (auto), MILP, z3 (smt) or none.",
+)
+@click.option(
+    "--samples",
+    "n_samples",
+    type=click.IntRange(min=1),
+    default=20,
+    show_default=True,
+    help="Check the first N samples of the split.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Time limit of one exact solve (one sample and class), seconds.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes for the per-sample work.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Falsifier seed.")
+@click.option("--split", default="test", show_default=True, help="Split of the data set.")
+@data_dir_option
+@JSON_OPT
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write OUT_DIR/crosscheck.json (and each violation's weights).",
+)
+@click.pass_context
+@input_errors_exit_2
+def crosscheck(
+    ctx: click.Context,
+    model_path: Path,
+    lid_path: Path,
+    data_ref: str,
+    exact: str,
+    n_samples: int,
+    timeout_s: float,
+    jobs: int,
+    seed: int,
+    split: str,
+    data_dir: Path | None,
+    as_json: bool,
+    out_dir: Path | None,
+) -> None:
+    """Cross-check the bounds of LID_PATH for MODEL_PATH on DATA_REF: exact margins, attacks.
+
+    Per sample and class: the bound engine's margin (IBP; CROWN-IBP for Linear-only boxes),
+    the exact worst-case margin over the LID, and the smallest margin that falsifiers
+    (random and vertex weights, weight-space PGD) attain. Exits 1 when weights inside the LID
+    contradict a bound (a soundness violation), 0 otherwise, 2 on bad input.
+    """
+    from tqdm import tqdm
+
+    from verifier.crosscheck.document import run_crosscheck, write_crosscheck
+    from verifier.crosscheck.falsify import FalsifierConfig
+    from verifier.crosscheck.run import CrosscheckConfig, describe_violation
+
+    config = CrosscheckConfig(
+        exact=exact,  # type: ignore[arg-type]
+        timeout_s=timeout_s,
+        jobs=jobs,
+        seed=seed,
+        falsifier=FalsifierConfig(),
+    )
+    bar: Any = None
+
+    def on_progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="cross-check", unit="sample", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+
+    try:
+        with native_stdout_to_stderr():
+            report = run_crosscheck(
+                model_path,
+                lid_path,
+                data_ref,
+                split=split,
+                data_dir=data_dir,
+                n_samples=n_samples,
+                config=config,
+                on_progress=on_progress,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+    if out_dir is not None:
+        for path in write_crosscheck(out_dir, report):
+            click.echo(f"written: {path}", err=True)
+    for sample in report.result.samples:
+        for margin in sample.violations:
+            click.echo(f"SOUNDNESS VIOLATION: {describe_violation(sample, margin)}", err=True)
+    if as_json:
+        emit_json(report.document)
+    else:
+        click.echo(render_crosscheck(report.document))
+    ctx.exit(ExitCode.OK if report.result.sound else ExitCode.SPEC_NOT_MET)

@@ -1,0 +1,510 @@
+"""The job behind `verifier crosscheck`: bounds, exact margins and falsifiers side by side.
+
+For every checked sample and every class j != y: the bound engine's margin lower bounds (our
+float64 IBP with its rounding allowance, and auto_LiRPA CROWN-IBP when every boxed parameter
+belongs to a Linear op), the exact worst-case margin (`verifier.crosscheck.exact`), and the
+smallest margin that concrete weights inside the box attain (`verifier.crosscheck.falsify`,
+plus the exact solver's witness or best solution).
+
+**Soundness violations.** A bound b with rounding allowance r claims margin >= b - r for every
+weight vector in the box (in exact arithmetic). A margin m attained by concrete weights is
+computed by a float64 forward pass, whose error is at most the IBP allowance r_ibp of that
+margin (the same products, with magnitudes bounded by the box's). So b - r - r_ibp > m proves
+the bound unsound; that is what is flagged (the tolerance r_ibp only ever avoids false alarms
+from rounding). A certified sample whose class a falsifier flips (m < -r_ibp) is the
+loudest case of it.
+
+Bounds are computed for all samples at once in the calling process; the per-sample work
+(falsifiers and exact solves) runs over `jobs` worker processes (spawned, so it is safe on
+every platform and with threads in the parent), each with one torch thread.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from verifier.bounds.ibp import margin_bounds
+from verifier.crosscheck.chain import relu_chain
+from verifier.crosscheck.exact import ExactChoice, ExactMargin, exact_margins, margin_tolerance
+from verifier.crosscheck.falsify import FalsifierConfig, falsify_sample
+from verifier.domains.box import Box
+from verifier.errors import BackendError, DataError, SoundnessError
+from verifier.graph import Graph, Linear
+
+CROWN_ALLOWANCE_FACTOR = 1000.0
+"""CROWN-IBP's rounding allowance, as in `verifier.certify`: 1000x the IBP allowance + 1e-9
+(auto_LiRPA tracks no rounding; its magnitudes are dominated by the interval pass's)."""
+CROWN_ALLOWANCE_FLOOR = 1e-9
+
+ExactOption = Literal["auto", "milp", "smt", "none"]
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class CrosscheckConfig:
+    """Options of a cross-check run.
+
+    Attributes:
+        exact: "auto" (closed form up to one hidden layer, MILP beyond), "milp", "smt"
+            (z3 optimisation in exact rationals) or "none".
+        timeout_s: time limit of one exact solve (one sample and class), seconds.
+        jobs: worker processes for the per-sample work (1: run in this process).
+        seed: seed of the falsifiers' randomness (each sample gets its own stream).
+        falsifier: falsifier effort.
+    """
+
+    exact: ExactOption = "auto"
+    timeout_s: float = 60.0
+    jobs: int = 1
+    seed: int = 0
+    falsifier: FalsifierConfig = field(default_factory=FalsifierConfig)
+
+    def __post_init__(self) -> None:
+        if self.exact not in ("auto", "milp", "smt", "none"):
+            raise ValueError(f"exact must be auto, milp, smt or none; got {self.exact!r}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0; got {self.timeout_s}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1; got {self.jobs}")
+
+
+@dataclass(frozen=True, eq=False)
+class MarginCheck:
+    """One sample and class j: bounds, exact minimum and attacks side by side.
+
+    Attributes:
+        other: the class j.
+        ibp: IBP lower bound on z_y - z_j (float64).
+        ibp_allowance: its rounding allowance.
+        crown_ibp: CROWN-IBP lower bound, or None when not computed.
+        crown_allowance: its rounding allowance, or None.
+        exact: the exact solver's result ("skipped" when not requested or not supported).
+        falsified: smallest margin attained by the falsifiers.
+        falsified_by: which falsifier attained it.
+        violation_methods: bound methods whose claim an attained margin contradicts.
+        witness: weights attaining the smallest margin, kept only for a violation.
+    """
+
+    other: int
+    ibp: float
+    ibp_allowance: float
+    crown_ibp: float | None
+    crown_allowance: float | None
+    exact: ExactMargin
+    falsified: float
+    falsified_by: str
+    violation_methods: tuple[str, ...] = ()
+    witness: Mapping[str, Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def exact_value(self) -> float | None:
+        """The exact minimum when solved, else None."""
+        return self.exact.margin if self.exact.status == "optimal" else None
+
+    @property
+    def attained(self) -> float:
+        """Smallest margin attained by any concrete weights (falsifiers and solver)."""
+        values = [self.falsified]
+        for value in (self.exact_value, self.exact.incumbent):
+            if value is not None:
+                values.append(value)
+        return min(values)
+
+    @property
+    def best_bound(self) -> float:
+        """The largest lower bound known: the exact minimum, else the best bound available."""
+        if self.exact_value is not None:
+            return self.exact_value
+        candidates = [self.ibp]
+        if self.crown_ibp is not None:
+            candidates.append(self.crown_ibp)
+        if self.exact.lower is not None:
+            candidates.append(self.exact.lower)
+        return max(candidates)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleCheck:
+    """All margins of one sample.
+
+    Attributes:
+        index: position of the sample in the data set.
+        label: its true class y.
+        certified_ibp: every IBP margin bound exceeds its rounding allowance.
+        certified_crown_ibp: the same for CROWN-IBP, or None when not computed.
+        margins: one `MarginCheck` per class j != y.
+        seconds: time of the per-sample work (falsifiers and exact solves).
+    """
+
+    index: int
+    label: int
+    certified_ibp: bool
+    certified_crown_ibp: bool | None
+    margins: list[MarginCheck]
+    seconds: float
+
+    @property
+    def violations(self) -> list[MarginCheck]:
+        """The margins where some bound is contradicted."""
+        return [m for m in self.margins if m.violation_methods]
+
+
+@dataclass(frozen=True, eq=False)
+class CrosscheckResult:
+    """The outcome of a cross-check, sample by sample.
+
+    Attributes:
+        samples: in the order of the inputs given.
+        config: the options used.
+        crown_note: why CROWN-IBP was not computed (empty when it was).
+        seconds: wall time of the whole run.
+    """
+
+    samples: list[SampleCheck]
+    config: CrosscheckConfig
+    crown_note: str
+    seconds: float
+
+    @property
+    def n_violations(self) -> int:
+        """Number of (sample, class) margins with a soundness violation."""
+        return sum(len(s.violations) for s in self.samples)
+
+    @property
+    def sound(self) -> bool:
+        """True when no bound was contradicted."""
+        return self.n_violations == 0
+
+    def check_sound(self) -> None:
+        """Raise on the first soundness violation.
+
+        Raises:
+            SoundnessError: naming the sample, class, bound and attained margin.
+        """
+        for sample in self.samples:
+            for margin in sample.violations:
+                raise SoundnessError(describe_violation(sample, margin))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, gap statistics and the verdict (the `summary` of crosscheck.json)."""
+        margins = [m for s in self.samples for m in s.margins]
+        status = [m.exact.status for m in margins]
+        crown = any(m.crown_ibp is not None for m in margins)
+        return {
+            "n_samples": len(self.samples),
+            "n_margins": len(margins),
+            "violations": self.n_violations,
+            "verdict": "sound" if self.sound else "violation",
+            "certified_ibp": sum(s.certified_ibp for s in self.samples),
+            "certified_crown_ibp": (
+                sum(bool(s.certified_crown_ibp) for s in self.samples) if crown else None
+            ),
+            "gaps": {
+                "ibp": _gap_stats([(m.exact_value, m.ibp) for m in margins]),
+                "crown_ibp": (
+                    _gap_stats([(m.exact_value, m.crown_ibp) for m in margins]) if crown else None
+                ),
+            },
+            "gaps_to_falsified": {
+                "ibp": _gap_stats([(m.falsified, m.ibp) for m in margins]),
+                "crown_ibp": (
+                    _gap_stats([(m.falsified, m.crown_ibp) for m in margins]) if crown else None
+                ),
+            },
+            "exact": {
+                "solved": status.count("optimal"),
+                "timeout": status.count("timeout"),
+                "skipped": status.count("skipped"),
+            },
+            "exact_inconsistent": sum(
+                m.exact_value is not None
+                and m.exact_value > m.falsified + margin_tolerance(m.falsified)
+                for m in margins
+            ),
+            "time_s": self.seconds,
+        }
+
+
+def describe_violation(sample: SampleCheck, margin: MarginCheck) -> str:
+    """One line naming a soundness violation."""
+    bounds = []
+    if "ibp" in margin.violation_methods:
+        bounds.append(f"ibp bound {margin.ibp:.9g} (allowance {margin.ibp_allowance:.2g})")
+    if "crown-ibp" in margin.violation_methods and margin.crown_ibp is not None:
+        bounds.append(f"crown-ibp bound {margin.crown_ibp:.9g}")
+    certified = "certified " if sample.certified_ibp or sample.certified_crown_ibp else ""
+    return (
+        f"{certified}sample {sample.index} (label {sample.label}), class {margin.other}: "
+        f"{' and '.join(bounds)} exceeds the margin {margin.attained:.9g} attained by weights "
+        "inside the LID"
+    )
+
+
+def _gap_stats(pairs: Sequence[tuple[float | None, float | None]]) -> dict[str, Any]:
+    gaps = [
+        a - b
+        for a, b in pairs
+        if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)
+    ]
+    if not gaps:
+        return {"n": 0, "mean": None, "median": None, "max": None, "min": None}
+    return {
+        "n": len(gaps),
+        "mean": statistics.fmean(gaps),
+        "median": statistics.median(gaps),
+        "max": max(gaps),
+        "min": min(gaps),
+    }
+
+
+# ------------------------------------------------------------------ per-sample work
+
+
+@dataclass(frozen=True, eq=False)
+class _Task:
+    position: int
+    index: int
+    x: Tensor
+    label: int
+    claims: dict[int, float]  # class -> margins below this contradict some bound
+
+
+@dataclass(frozen=True, eq=False)
+class _Outcome:
+    position: int
+    falsified: Tensor
+    sources: list[str]
+    exact: dict[int, ExactMargin]
+    witnesses: dict[int, dict[str, Tensor]]
+    seconds: float
+
+
+_worker_state: tuple[Graph, Box, CrosscheckConfig] | None = None
+
+
+def _init_worker(graph: Graph, box: Box, config: CrosscheckConfig) -> None:
+    """Worker process start: keep the network and box, and use one torch thread."""
+    global _worker_state
+    torch.set_num_threads(1)  # this process's own setting: workers share the machine's cores
+    _worker_state = (graph, box, config)
+
+
+def _run_worker_task(task: _Task) -> _Outcome:
+    assert _worker_state is not None, "worker not initialised"
+    return _check_sample(*_worker_state, task)
+
+
+def _skipped(reason: str) -> ExactMargin:
+    return ExactMargin("skipped", "closed-form", reason=reason)
+
+
+def _check_sample(graph: Graph, box: Box, config: CrosscheckConfig, task: _Task) -> _Outcome:
+    """Falsifiers and exact solves for one sample; keeps witnesses only for violations."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed((config.seed * 1_000_003 + task.index) % 2**63)
+    found = falsify_sample(
+        graph, box, task.x, task.label, config=config.falsifier, generator=generator
+    )
+    others = [j for j in range(graph.n_classes) if j != task.label]
+    exact: dict[int, ExactMargin]
+    if config.exact == "none":
+        exact = {j: _skipped("not requested (--exact none)") for j in others}
+    else:
+        choice: ExactChoice = config.exact
+        try:
+            chain = relu_chain(graph, box, task.x)
+            exact = exact_margins(chain, task.label, method=choice, timeout_s=config.timeout_s)
+        except BackendError as err:
+            exact = {j: _skipped(str(err)) for j in others}
+    witnesses: dict[int, dict[str, Tensor]] = {}
+    for j in others:
+        claim = task.claims.get(j, math.inf)
+        result = exact[j]
+        best, theta = float(found.margins[j]), found.witnesses.get(j)
+        for value in (result.margin, result.incumbent):
+            if value is not None and value < best and result.theta is not None:
+                best, theta = value, dict(result.theta)
+        if best < claim and theta is not None:
+            witnesses[j] = theta
+        exact[j] = replace(result, theta=None)  # witnesses are large: send back only evidence
+    return _Outcome(
+        task.position,
+        found.margins,
+        found.sources,
+        exact,
+        witnesses,
+        time.perf_counter() - started,
+    )
+
+
+# ------------------------------------------------------------------ bounds
+
+
+def _linear_only(graph: Graph, box: Box) -> bool:
+    linear_params = {
+        name
+        for op in graph.ops
+        if isinstance(op, Linear)
+        for name in (op.weight, op.bias)
+        if name is not None
+    }
+    return set(box.names) <= linear_params
+
+
+def _bounds(
+    graph: Graph, box: Box, x: Tensor, y: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, str]:
+    """IBP bounds and allowances, CROWN-IBP bounds and allowances (or None and a note)."""
+    box64 = box.to(torch.float64)
+    x64 = x.to(torch.float64)
+    with torch.no_grad():
+        ibp = margin_bounds(graph, box64.lower, box64.upper, x64, y, track_rounding=True)
+    assert ibp.rounding is not None
+    if not _linear_only(graph, box):
+        return ibp.lower, ibp.rounding, None, None, "a boxed parameter is not a Linear one"
+    try:
+        from verifier.bounds.lirpa import lirpa_margin_bounds
+
+        crown = lirpa_margin_bounds(
+            graph, box64.lower, box64.upper, x64, y, method="crown-ibp", dtype=torch.float64
+        )
+    except BackendError as err:
+        return ibp.lower, ibp.rounding, None, None, str(err)
+    allowance = CROWN_ALLOWANCE_FACTOR * ibp.rounding + CROWN_ALLOWANCE_FLOOR
+    return ibp.lower, ibp.rounding, crown, allowance, ""
+
+
+def _number(value: Tensor | float) -> float:
+    return float(value)
+
+
+def crosscheck_samples(
+    graph: Graph,
+    box: Box,
+    x: Tensor,
+    y: Tensor,
+    *,
+    indices: Sequence[int] | None = None,
+    config: CrosscheckConfig | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> CrosscheckResult:
+    """Cross-check the bound engine on samples: bounds vs exact margins vs falsifiers.
+
+    Args:
+        graph: the network.
+        box: the weight box (the LID).
+        x: inputs, shape (n, *graph.input_shape).
+        y: labels, shape (n,).
+        indices: data-set positions of the samples (recorded; default 0..n-1).
+        config: options (default `CrosscheckConfig()`).
+        on_progress: called with (samples done, total) after each sample.
+
+    Returns:
+        The result; violations are recorded, not raised (see `CrosscheckResult.check_sound`).
+    """
+    started = time.perf_counter()
+    config = config or CrosscheckConfig()
+    n = int(x.shape[0])
+    positions = list(range(n)) if indices is None else [int(i) for i in indices]
+    if len(positions) != n or y.shape != (n,):
+        raise DataError(f"{n} inputs need {n} labels and indices; got {tuple(y.shape)}")
+    y = y.to(torch.int64)
+    ibp, ibp_r, crown, crown_r, crown_note = _bounds(graph, box, x, y)
+    tasks = []
+    for p in range(n):
+        label = int(y[p])
+        claims = {}
+        for j in range(graph.n_classes):
+            if j == label:
+                continue
+            claim = _number(ibp[p, j] - 2 * ibp_r[p, j])
+            if crown is not None and crown_r is not None:
+                claim = max(claim, _number(crown[p, j] - crown_r[p, j] - ibp_r[p, j]))
+            claims[j] = claim
+        tasks.append(_Task(p, positions[p], x[p : p + 1].to(torch.float64), label, claims))
+    outcomes: list[_Outcome | None] = [None] * n
+    done = 0
+    if config.jobs == 1 or n <= 1:
+        for task in tasks:
+            outcomes[task.position] = _check_sample(graph, box, config, task)
+            done += 1
+            if on_progress is not None:
+                on_progress(done, n)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(
+            max_workers=min(config.jobs, n),
+            mp_context=context,
+            initializer=_init_worker,
+            initargs=(graph, box, config),
+        ) as pool:
+            futures = [pool.submit(_run_worker_task, task) for task in tasks]
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes[outcome.position] = outcome
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, n)
+    samples = []
+    for task, finished in zip(tasks, outcomes, strict=True):
+        assert finished is not None
+        samples.append(_assemble(task, finished, ibp, ibp_r, crown, crown_r))
+    return CrosscheckResult(samples, config, crown_note, time.perf_counter() - started)
+
+
+def _assemble(
+    task: _Task,
+    outcome: _Outcome,
+    ibp: Tensor,
+    ibp_r: Tensor,
+    crown: Tensor | None,
+    crown_r: Tensor | None,
+) -> SampleCheck:
+    p = task.position
+    margins = []
+    for j, result in outcome.exact.items():
+        check = MarginCheck(
+            other=j,
+            ibp=_number(ibp[p, j]),
+            ibp_allowance=_number(ibp_r[p, j]),
+            crown_ibp=None if crown is None else _number(crown[p, j]),
+            crown_allowance=None if crown_r is None else _number(crown_r[p, j]),
+            exact=result,
+            falsified=_number(outcome.falsified[j]),
+            falsified_by=outcome.sources[j],
+        )
+        methods = []
+        slack = check.ibp_allowance
+        if check.ibp - check.ibp_allowance - slack > check.attained:
+            methods.append("ibp")
+        if check.crown_ibp is not None and check.crown_allowance is not None:
+            if check.crown_ibp - check.crown_allowance - slack > check.attained:
+                methods.append("crown-ibp")
+        if methods:
+            check = replace(
+                check, violation_methods=tuple(methods), witness=outcome.witnesses.get(j)
+            )
+        margins.append(check)
+    margins.sort(key=lambda m: m.other)
+    certified_ibp = all(m.ibp - m.ibp_allowance > 0 for m in margins)
+    certified_crown = None
+    if crown is not None:
+        certified_crown = all(
+            m.crown_ibp is not None
+            and m.crown_allowance is not None
+            and m.crown_ibp - m.crown_allowance > 0
+            for m in margins
+        )
+    return SampleCheck(
+        task.index, task.label, certified_ibp, certified_crown, margins, outcome.seconds
+    )
