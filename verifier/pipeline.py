@@ -54,6 +54,7 @@ from verifier.search import (
     search_lid,
     si_importance,
 )
+from verifier.sequence import check_inside, load_outer
 from verifier.spec import DataSection, Spec, TaskSection, spec_hash
 
 
@@ -272,11 +273,10 @@ def run_lid(
     names = select_parameters(graph, spec.parameters)
     phase("preparing data")
     tasks = [prepare_task(spec, section, graph) for section in spec.tasks]
-    outer = None
-    if spec.outer_box is not None:
-        lid = load_lid(spec.outer_box)
-        check_lid_matches(lid, graph.parameters, source=spec.outer_box)
-        outer = lid.box
+    outer, outer_lid = None, None
+    if spec.outer_box is not None:  # issue 7: task sequences, LID_t inside LID_{t-1}
+        outer_lid = load_outer(spec.outer_box, graph.parameters, names)
+        outer = outer_lid.box
     frozen = _frozen_masks(spec, graph, names)
     n_searched = sum(graph.parameters[n].numel() for n in names)
     phase(f"searching a {spec.domain} over {n_searched} parameters")
@@ -315,6 +315,9 @@ def run_lid(
             on_step=on_step,
         )
         domain = result.box
+    inherited = [] if outer_lid is None else outer_lid.inherited
+    if outer_lid is not None:
+        check_inside(domain, outer_lid)
     phase("certifying on held-out data (float64)")
     certificates = [
         certify_prepared(graph, domain, t, spec, method=spec.certify.method) for t in tasks
@@ -327,6 +330,7 @@ def run_lid(
         "theta0_sha256": tensors_sha256(theta0),
         "spec_sha256": spec_hash(spec),
         "certificate": json.dumps([c.to_json() for c in certificates]),
+        "inherited": json.dumps(inherited),
     }
     lid_path = out_dir / "lid.safetensors"
     save_lid(lid_path, domain, metadata)
@@ -344,6 +348,7 @@ def run_lid(
         seconds=time.time() - started,
         command=command,
     )
+    document["inherited"] = inherited
     write_text_atomic(out_dir / "certificate.json", json.dumps(document, indent=2) + "\n")
     return LidRun(result, certificates, document, out_dir)
 

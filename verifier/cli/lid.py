@@ -58,6 +58,13 @@ def render_certificate(doc: dict[str, Any]) -> str:
             f"{task['bound_kind']} lower bound {task['lower_bound']:.4f} at beta={task['beta']} "
             f"-> {'holds' if task['holds'] else 'NOT MET'}"
         )
+    for entry in doc.get("inherited", []):
+        status = "applies" if entry["applies"] else f"does NOT apply ({entry['applies_reason']})"
+        lines.append(
+            f"earlier task {entry['task']} (outer LID {entry['lid_path']}): held-out "
+            f"{entry['k']}/{entry['n']}, lower bound {entry['lower_bound']:.4f}, target "
+            f"{entry['target']:.4f}; this LID lies inside it, so the certificate {status}"
+        )
     lines.append(f"written: {lid['path']} and certificate.json beside it")
     return "\n".join(lines)
 
