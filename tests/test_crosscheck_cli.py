@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from verifier.cli import ExitCode, cli
 from verifier.crosscheck import run as crosscheck_run
-from verifier.domains import Box
+from verifier.domains import Box, Zonotope
 from verifier.domains.io import file_sha256, save_lid, tensors_sha256
 from verifier.onnx_import import load_graph
 
@@ -173,3 +173,20 @@ def test_bad_options_exit_2(lid_path: Path) -> None:
     assert result.exit_code == ExitCode.BAD_INPUT
     result = invoke("crosscheck", MODEL, lid_path, "digits", "--jobs", "0")
     assert result.exit_code == ExitCode.BAD_INPUT
+
+
+def test_zonotope_lid_is_refused_with_one_line_exit_2(tmp_path: Path) -> None:
+    """The cross-check's bounds, falsifiers and exact solvers are box-only: a zonotope LID is
+    refused (its hull would cross-check another claim than its certificate's)."""
+    graph = load_graph(MODEL)
+    theta0 = {n: t.to(torch.float64) for n, t in graph.parameters.items()}
+    box = Box.around(theta0, radius=0, relative=0.01)
+    generators = {
+        n: torch.full((2, *t.shape), 1e-3, dtype=torch.float64) for n, t in theta0.items()
+    }
+    path = tmp_path / "zonotope.safetensors"
+    save_lid(path, Zonotope.from_box(box, generators), {"model_sha256": file_sha256(MODEL)})
+    result = invoke("crosscheck", MODEL, path, "digits", "--samples", "1", "-o", tmp_path / "o")
+    assert_bad_input(result, "a zonotope LID (k = 2 generators)")
+    assert "supports box LIDs only" in result.stderr
+    assert not (tmp_path / "o").exists()

@@ -29,7 +29,7 @@ from tests.model_zoo import build_zoo
 from verifier.certify import certify_samples
 from verifier.cli import ExitCode, cli
 from verifier.data import load_dataset
-from verifier.domains import Box
+from verifier.domains import Box, Zonotope
 from verifier.domains.io import LidFile, file_sha256, load_lid, save_lid
 from verifier.errors import DataError, DomainError
 from verifier.graph import Graph
@@ -526,6 +526,96 @@ def test_several_lids_on_the_command_line(quick: QuickLid, tmp_path: Path) -> No
     )  # fmt: skip
     doc = json.loads(result.stdout)
     assert doc["kept"] is True and doc["chosen"]["index"] == 0  # the first LID holding it
+
+
+# ---------------------------------------------------------------- zonotope LIDs
+
+
+def small_zonotope(graph: Graph, *, k: int = 3, seed: int = 0) -> Zonotope:
+    """A box of radius 0.01 around the graph's weights plus k small Gaussian generators."""
+    gen = torch.Generator().manual_seed(seed)
+    theta0 = {n: t.double() for n, t in graph.parameters.items()}
+    generators = {
+        n: 0.003 * torch.randn((k, *t.shape), generator=gen, dtype=torch.float64)
+        for n, t in theta0.items()
+    }
+    return Zonotope(
+        {n: t - 0.01 for n, t in theta0.items()},
+        {n: t + 0.01 for n, t in theta0.items()},
+        generators,
+    )
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_zonotope_projection_lands_inside_and_is_idempotent(seed: int) -> None:
+    graph = load_graph(MODEL)
+    zonotope = small_zonotope(graph, seed=seed)
+    update = {n: t.float() for n, t in random_update(graph, seed, scale=0.05).items()}
+    dtypes = {n: torch.float32 for n in update}
+    theta = {n: t.double() for n, t in update.items()}
+    first = project_parameters(theta, zonotope, dtypes=dtypes)
+    assert not first.inside and first.distance > 0
+    assert zonotope.contains(first.theta)  # exact, float64
+    for name, value in first.theta.items():  # storable as float32 without rounding
+        assert torch.equal(value.float().double(), value), name
+    second = project_parameters(first.theta, zonotope, dtypes=dtypes)
+    assert second.inside and second.distance == 0.0
+    for name in theta:
+        assert torch.equal(second.theta[name], first.theta[name])
+    # nearest point (up to the INWARD margin): no farther than a sampled point of T
+    (inside,) = zonotope.sample(1, generator=torch.Generator().manual_seed(seed))
+    assert first.distance <= math.sqrt(
+        sum(float(((theta[n] - inside[n]) ** 2).sum()) for n in theta)
+    )
+
+
+def test_safe_update_keeps_a_module_inside_a_zonotope_through_training() -> None:
+    graph = load_graph(MODEL)
+    zonotope = small_zonotope(graph, k=2)
+    net = TrainableGraph(graph, names=zonotope.names)
+    optimizer = ProjectedOptimizer(torch.optim.SGD(net.parameters(), lr=0.5), zonotope, net)
+    assert optimizer.safe.contains()
+    with pytest.raises(DomainError, match="zonotope"):
+        _ = optimizer.safe.box
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, *graph.input_shape, generator=gen)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+        assert optimizer.safe.contains()
+    before = net.theta()
+    optimizer.safe.project()  # idempotent: nothing moves
+    for name, value in net.theta().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_half_diagonal_of_a_zonotope_without_generators_is_the_boxes() -> None:
+    box = Box({"w": torch.zeros(3, dtype=torch.float64)}, {"w": torch.tensor([1.0, 2.0, 2.0])})
+    assert half_diagonal(Zonotope.from_box(box)) == pytest.approx(half_diagonal(box), rel=1e-15)
+    wider = Zonotope.from_box(box, {"w": torch.tensor([[0.0, 0.0, 2.0]], dtype=torch.float64)})
+    assert half_diagonal(wider) == pytest.approx(math.sqrt(1.5**2 + 2.0**2))
+
+
+def test_project_cli_on_a_zonotope_lid(tmp_path: Path) -> None:
+    graph = load_graph(MODEL)
+    zonotope = small_zonotope(graph)
+    lid_path = tmp_path / "zonotope" / "lid.safetensors"
+    save_lid(lid_path, zonotope, {"model_sha256": file_sha256(MODEL)})
+    updated = write_update(tmp_path / "u.onnx", random_update(graph, 3, scale=0.05))
+    safe = tmp_path / "safe.onnx"
+    result = invoke("project", updated, "--lid", lid_path, "--base", MODEL, "-o", safe, "--json")
+    assert result.exit_code == ExitCode.OK, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kept"] is False and doc["moved"]["distance"] > 0
+    assert load_lid(lid_path).domain.contains(onnx_initializers(safe))
+    again = invoke("project", safe, "--lid", lid_path, "--base", MODEL, "-o", safe, "--json")
+    assert again.exit_code == ExitCode.OK, again.output
+    assert json.loads(again.stdout)["kept"] is True
+    human = invoke("project", updated, "--lid", lid_path, "--base", MODEL, "-o", safe)
+    assert human.exit_code == ExitCode.OK, human.output
+    assert "projected onto LID" in human.stdout
 
 
 # ---------------------------------------------------------------- projected training

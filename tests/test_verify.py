@@ -22,11 +22,21 @@ import torch
 from click.testing import Result
 from onnx import numpy_helper
 
-from tests.test_cli_pipeline import assert_bad_input, invoke
-from tests.test_report import RunFolder, copy_out, make_run
+from tests.test_cli_pipeline import MODEL, assert_bad_input, invoke, write_spec
+from tests.test_prefix import (
+    TOKEN_FEATURES,
+    TOKENS,
+    _Classifier,
+    _export,
+    _labelled,
+    _spec,
+)
+from tests.test_report import N_SAMPLES, RunFolder, copy_out, make_run
 from verifier.cli import ExitCode
-from verifier.domains import Box
+from verifier.data.digits import digits_arrays
+from verifier.domains import Box, Zonotope
 from verifier.domains.io import load_lid, save_lid
+from verifier.onnx_prefix import PrefixedGraph, load_split_model
 
 
 @pytest.fixture(scope="module")
@@ -362,3 +372,88 @@ def test_lid_without_the_model_weights(run_folder: RunFolder, tmp_path: Path) ->
     save_lid(path, box, metadata)
     lines = failed_lines(invoke("verify", out))
     assert_reported(lines, r"the LID does not contain the model's own weights: \['fc1\.weight'")
+
+
+# ---------------------------------------------------------------- zonotope LIDs
+
+
+@pytest.fixture(scope="module")
+def zonotope_run(tmp_path_factory: pytest.TempPathFactory) -> RunFolder:
+    """`verifier run` with `domain: zonotope` (k = 2, 6 iterations) on the digits copies."""
+    folder = tmp_path_factory.mktemp("verify_zonotope")
+    model = folder / "model.onnx"
+    shutil.copyfile(MODEL, model)
+    x, y = digits_arrays("test")
+    data = folder / "digits_test.npz"
+    np.savez(data, x=x[:N_SAMPLES], y=y[:N_SAMPLES])
+    spec = write_spec(
+        folder,
+        model=str(model),
+        data={"name": str(data)},
+        domain="zonotope",
+        zonotope={"k": 2},
+        search={"iterations": 6, "checkpoint_every": 3},
+    )
+    out_dir = folder / "out"
+    result = invoke("run", spec, "-o", out_dir)
+    assert result.exit_code == ExitCode.OK, result.output
+    return RunFolder(result, folder, model, data, out_dir)
+
+
+def test_zonotope_run_verifies(zonotope_run: RunFolder) -> None:
+    lid = zonotope_run.certificate["lid"]
+    assert lid["domain"] == "zonotope" and lid["n_generators"] == 2
+    assert 0 < lid["generator_norms"]["min"] <= lid["generator_norms"]["max"]
+    assert lid["isotropic_width"] > 0
+    assert "LID: zonotope over " in zonotope_run.result.stdout
+    assert "k = 2 generators" in zonotope_run.result.stdout
+    result = invoke("verify", zonotope_run.out_dir, "--json")
+    assert result.exit_code == ExitCode.OK, result.output
+    doc = json.loads(result.stdout)
+    assert doc["verdict"] == "verified" and doc["counts"]["failed"] == 0
+    details = [c["detail"] for c in doc["checks"] if c["status"] == "ok"]
+    assert "the LID contains the model's own weights" in details
+    assert "LID size statistics match" in details
+    assert any(d.startswith("held-out certificate recomputed") for d in details)
+
+
+def test_zonotope_generator_tampered_and_resaved(zonotope_run: RunFolder, tmp_path: Path) -> None:
+    """A consistent re-save (valid content hash) with one generator entry changed is caught."""
+    out = copy_out(zonotope_run, tmp_path)
+    path = out / "lid.safetensors"
+    lid = load_lid(path)
+    zonotope = lid.domain
+    assert isinstance(zonotope, Zonotope)
+    generators = {n: g.clone() for n, g in zonotope.generators.items()}
+    generators["fc1.weight"][0, 0, 0] += 0.5
+    metadata = {k: v for k, v in lid.metadata.items() if k != "content_sha256"}
+    save_lid(path, Zonotope(dict(zonotope.lower), dict(zonotope.upper), generators), metadata)
+    lines = failed_lines(invoke("verify", out))
+    assert_reported(
+        lines,
+        r"certificate\.json lid\.sha256 records",
+        r"certificate\.json lid\.generator_norms\.max: recomputed [0-9.e-]+, recorded",
+        r"certificate\.json lid\.isotropic_width: recomputed [0-9.e-]+, recorded",
+    )
+
+
+# ---------------------------------------------------------------- a model with a frozen prefix
+
+
+def test_prefixed_model_run_verifies(tmp_path: Path) -> None:
+    """A transformer whose head alone is boxed: verify cuts the model where the run did."""
+    with torch.random.fork_rng():  # restores the global generator afterwards
+        torch.manual_seed(0)
+        net = _Classifier().eval()
+    model = _export(net, tmp_path / "transformer.onnx", TOKENS * TOKEN_FEATURES)
+    split = load_split_model(model, ["head.*"], threads=1, batch_size=64)
+    assert isinstance(split, PrefixedGraph)
+    raw, _ = _labelled(split, tmp_path)
+    spec = _spec(tmp_path, model, raw, "spec.yaml", search={"iterations": 5, "batch_size": 100})
+    out = tmp_path / "out"
+    result = invoke("run", spec, "-o", out)
+    assert result.exit_code == ExitCode.OK, result.output
+    verified = invoke("verify", out, "--json")
+    assert verified.exit_code == ExitCode.OK, verified.output
+    doc = json.loads(verified.stdout)
+    assert doc["verdict"] == "verified" and doc["counts"]["failed"] == 0

@@ -301,7 +301,7 @@ def run_lid(
             lookahead=lookahead,
             on_step=on_step,
         )
-        # the report sections describe the LID by its interval hull (sizes only)
+        # the search section describes checkpoints by their interval hulls (sizes only)
         domain, result = found.zonotope, found.as_search_result()
     else:
         result = search_lid(
@@ -341,7 +341,7 @@ def run_lid(
         model_path=model_path,
         model_sha=model_sha,
         lid_path=lid_path,
-        box=result.box,
+        box=domain,
         tasks=tasks,
         certificates=certificates,
         result=result,
@@ -359,7 +359,7 @@ def certificate_document(
     model_path: Path,
     model_sha: str,
     lid_path: Path,
-    box: Box,
+    box: Box | Zonotope,
     tasks: Sequence[PreparedTask],
     certificates: Sequence[TaskCertificate],
     result: SearchResult,

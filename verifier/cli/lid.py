@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,13 +18,16 @@ from verifier.cli.common import (
     progress,
 )
 
+if TYPE_CHECKING:
+    from verifier.spec import Spec
+
 
 def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) -> bool:
     from verifier.pipeline import run_lid
     from verifier.spec import load_spec
 
     spec = load_spec(spec_path)
-    on_step, on_phase, close = progress(spec.search.iterations)
+    on_step, on_phase, close = progress(search_steps(spec))
     try:
         run = run_lid(
             spec,
@@ -43,14 +46,29 @@ def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) 
     return run.holds
 
 
+def search_steps(spec: Spec) -> int:
+    """Steps the search reports: the box search's, plus the zonotope stage's for a zonotope."""
+    steps = spec.search.iterations
+    if spec.domain == "zonotope":
+        extra = spec.zonotope.iterations
+        steps += spec.search.iterations if extra is None else extra
+    return steps
+
+
 def render_certificate(doc: dict[str, Any]) -> str:
     """A short human summary of a certificate document."""
     lines = [f"verdict: {doc['verdict']}"]
     lid = doc["lid"]
     lines.append(
-        f"LID: box over {lid['n_parameters']} parameters, mean width {lid['mean_width']:.4g} "
-        f"({doc['search']['chosen']})"
+        f"LID: {lid['domain']} over {lid['n_parameters']} parameters, mean width "
+        f"{lid['mean_width']:.4g} ({doc['search']['chosen']})"
     )
+    if lid["domain"] == "zonotope":
+        lines.append(
+            f"  k = {lid['n_generators']} generators (norms {lid['generator_norms']['min']:.4g}"
+            f" to {lid['generator_norms']['max']:.4g}), isotropic width "
+            f"{lid['isotropic_width']:.4g}; mean width is that of the interval hull"
+        )
     for task in doc["tasks"]:
         lines.append(
             f"task {task['task']}: {task['metric']} clean {task['clean_metric']:.4f}, "

@@ -41,6 +41,7 @@ from verifier.domains.io import (
     write_atomic,
     write_text_atomic,
 )
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError
 from verifier.graph import Graph
 
@@ -154,13 +155,22 @@ def run_crosscheck(
 
     Raises:
         GraphError, DomainError, DataError: bad model, LID (missing, malformed, made for
-            another model) or data (missing, wrong shape or labels).
+            another model, or a zonotope) or data (missing, wrong shape or labels).
     """
-    from verifier.onnx_import import load_graph
+    from verifier.onnx_prefix import load_bounded_graph
 
     config = config or CrosscheckConfig()
-    graph = load_graph(model_path)
     lid = load_lid(lid_path)
+    if isinstance(lid.domain, Zonotope):
+        # its certificate uses zonotope bounds; cross-checking the box engine on the interval
+        # hull would test another claim, so refuse rather than report a misleading result
+        raise DomainError(
+            f"{lid_path}: a zonotope LID (k = {lid.domain.n_generators} generators); "
+            "`verifier crosscheck` supports box LIDs only (its bounds, falsifiers and exact "
+            "MILP/SMT solvers work on boxes)"
+        )
+    # a model with a frozen prefix is cut where the LID's parameters start, as `verifier lid` did
+    graph = load_bounded_graph(model_path, list(lid.domain.lower))
     check_lid_matches(lid, graph.parameters, source=str(lid_path))
     _check_lid_model(lid.metadata, graph, model_path)
     data = validate_for_model(load_dataset(data_ref, split=split, data_dir=data_dir), graph)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from verifier.errors import DomainError
+
+if TYPE_CHECKING:
+    from verifier.domains.zonotope import Zonotope
 
 SizeKind = Literal["mean_width", "mean_log_width", "log_volume"]
 LOG_WIDTH_FLOOR = 1e-12
@@ -156,8 +159,11 @@ class Box:
         )
 
 
-def width_summary(box: Box) -> dict[str, dict[str, float]]:
-    """Per-tensor width statistics (mean, max, total, fraction of zero-width entries)."""
+def width_summary(box: Box | Zonotope) -> dict[str, dict[str, float]]:
+    """Per-tensor width statistics (mean, max, total, fraction of zero-width entries).
+
+    For a zonotope these are the widths of its interval hull (`Zonotope.widths`).
+    """
     out = {}
     for name, w in box.widths().items():
         w64 = w.to(torch.float64)

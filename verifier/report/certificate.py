@@ -16,9 +16,12 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
+import torch
+
 from verifier.certify import TaskCertificate
 from verifier.domains.box import Box, width_summary
 from verifier.domains.io import file_sha256, write_text_atomic
+from verifier.domains.zonotope import Zonotope
 from verifier.report.artifacts import (
     CERTIFICATE_FILE,
     CROSSCHECK_FILE,
@@ -104,26 +107,53 @@ def software_extras() -> dict[str, str]:
     return {"numpy": version("numpy"), "scipy": version("scipy")}
 
 
-def lid_entry(box: Box, lid_path: Path, content_sha256: str) -> dict[str, Any]:
+def lid_entry(domain: Box | Zonotope, lid_path: Path, content_sha256: str) -> dict[str, Any]:
     """The `lid` section: file, hashes and size statistics (mean and total width per tensor).
 
+    For a zonotope the widths are those of its interval hull (sizes only; the hull is a
+    superset of the LID), and the section adds k (`n_generators`), a summary of the
+    generators' Euclidean norms and the isotropic width (`Zonotope.size("isotropic_width")`).
+
     Args:
-        box: the LID as saved.
+        domain: the LID as saved (a `Box` or a `Zonotope`).
         lid_path: where it was saved.
         content_sha256: the content hash stored in the LID file's metadata.
     """
-    widths = width_summary(box)
-    return {
+    widths = width_summary(domain)
+    entry: dict[str, Any] = {
         "file": lid_path.name,
         "path": str(lid_path),
         "sha256": file_sha256(lid_path),
         "content_sha256": content_sha256,
-        "domain": "box",
-        "n_parameters": box.n_parameters(),
-        "mean_width": box.size("mean_width"),
-        "mean_log_width": box.size("mean_log_width"),
+        "domain": "zonotope" if isinstance(domain, Zonotope) else "box",
+        "n_parameters": domain.n_parameters(),
+        "mean_width": domain.size("mean_width"),
+        "mean_log_width": domain.size("mean_log_width"),
         "total_width": sum(w["total_width"] for w in widths.values()),
         "per_tensor": widths,
+    }
+    if isinstance(domain, Zonotope):
+        entry["n_generators"] = domain.n_generators
+        entry["generator_norms"] = generator_norm_summary(domain)
+        entry["isotropic_width"] = domain.size("isotropic_width")
+    return entry
+
+
+def generator_norm_summary(zonotope: Zonotope) -> dict[str, float]:
+    """min, mean, max and total of the generators' Euclidean norms over all parameters, in
+    float64 (all 0 when k = 0)."""
+    k = zonotope.n_generators
+    squares = torch.zeros(k, dtype=torch.float64)
+    for g in zonotope.generators.values():
+        squares += g.detach().to("cpu", torch.float64).reshape(k, -1).pow(2).sum(dim=1)
+    norms = squares.sqrt()
+    if k == 0:
+        return {"min": 0.0, "mean": 0.0, "max": 0.0, "total": 0.0}
+    return {
+        "min": float(norms.min()),
+        "mean": float(norms.mean()),
+        "max": float(norms.max()),
+        "total": float(norms.sum()),
     }
 
 
@@ -218,7 +248,7 @@ def build_certificate(
     model_path: Path,
     model_sha: str,
     lid_path: Path,
-    box: Box,
+    box: Box | Zonotope,
     tasks: Sequence[PreparedTask],
     certificates: Sequence[TaskCertificate],
     result: SearchResult,
@@ -236,7 +266,7 @@ def build_certificate(
         model_path: the ONNX model.
         model_sha: its sha256.
         lid_path: the saved LID file.
-        box: the LID.
+        box: the LID (a `Box` or a `Zonotope`).
         tasks: the prepared tasks, in spec order.
         certificates: their held-out certificates.
         result: the search result.

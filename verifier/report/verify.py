@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 
 from verifier.domains.box import Box
 from verifier.domains.io import check_lid_matches, file_sha256, load_lid, tensors_sha256
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import InputError
 from verifier.report.artifacts import (
     CERTIFICATE_FILE,
@@ -236,8 +237,8 @@ class _Verifier:
             )
         return spec
 
-    def model(self, override: Path | None) -> tuple[Any, str] | None:
-        from verifier.onnx_import import load_graph
+    def model(self, override: Path | None, spec: Any) -> tuple[Any, str] | None:
+        from verifier.onnx_prefix import load_bounded_graph
 
         recorded = Path(self.doc["model"]["path"])
         path = override or recorded
@@ -251,11 +252,29 @@ class _Verifier:
         sha = file_sha256(path)
         self.hash_check("model", path, sha, "model.sha256")
         try:
-            graph = load_graph(path)
+            # a model with a frozen prefix is cut where the run cut it: at the LID's parameters
+            graph = load_bounded_graph(path, self._boxed_names(spec))
         except InputError as err:
             self.result.add("model", "failed", f"cannot load the model: {err}")
             return None
         return graph, sha
+
+    def _boxed_names(self, spec: Any) -> str | list[str]:
+        """The LID's parameter names (its metadata), else the spec's selection, else "all"."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.out_dir / str(self.doc["lid"]["file"])
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = json.loads((handle.metadata() or {})["parameters"])
+        except (SafetensorError, OSError, KeyError, ValueError):
+            names = None  # the lid step reports the unreadable file
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+        if spec is not None:
+            selection: str | list[str] = spec.parameters
+            return selection
+        return "all"
 
     def lid(self, graph: Any, model_sha: str, spec: Any) -> Any:
         from verifier.spec import spec_hash
@@ -273,7 +292,8 @@ class _Verifier:
             self.result.add("lid", "failed", str(err))
             return None
         meta = lid.metadata
-        theta0 = {n: graph.parameters[n] for n in lid.box.names}
+        domain = lid.domain
+        theta0 = {n: graph.parameters[n] for n in domain.names}
         for key, expected, what in (
             ("model_sha256", model_sha, "the model's sha256"),
             ("theta0_sha256", tensors_sha256(theta0), "the sha256 of the model's weights"),
@@ -289,18 +309,22 @@ class _Verifier:
                     "failed",
                     f"{path} metadata {key} is {_short(meta.get(key))}; {what} is {expected}",
                 )
-        outside = [
-            n
-            for n in lid.box.names
-            if not Box({n: lid.box.lower[n]}, {n: lid.box.upper[n]}).contains({n: theta0[n]})
-        ]
+        if isinstance(domain, Zonotope):
+            # ε is shared across tensors, so membership is decided jointly (exact, float64)
+            outside = [] if domain.contains(theta0) else ["(jointly) " + ", ".join(domain.names)]
+        else:
+            outside = [
+                n
+                for n in domain.names
+                if not Box({n: domain.lower[n]}, {n: domain.upper[n]}).contains({n: theta0[n]})
+            ]
         if outside:
             self.result.add(
                 "lid", "failed", f"the LID does not contain the model's own weights: {outside}"
             )
         else:
             self.result.add("lid", "ok", "the LID contains the model's own weights")
-        expected_entry = lid_entry(lid.box, path, meta.get("content_sha256", ""))
+        expected_entry = lid_entry(domain, path, meta.get("content_sha256", ""))
         for key in ("file", "path", "sha256"):  # checked above, or free to move
             expected_entry.pop(key)
         found = {k: v for k, v in recorded.items() if k in expected_entry}
@@ -324,7 +348,7 @@ class _Verifier:
             subject = f"task '{section.name}'"
             try:
                 task = prepare_task(spec, section, graph)
-                cert = certify_prepared(graph, lid.box, task, spec, method=spec.certify.method)
+                cert = certify_prepared(graph, lid.domain, task, spec, method=spec.certify.method)
             except InputError as err:
                 self.result.add(subject, "failed", f"cannot recompute: {err}")
                 return None
@@ -385,6 +409,7 @@ class _Verifier:
 
     def search(self, graph: Any, lid: Any, prepared: list[Any] | None) -> None:
         from verifier.search import hard_metrics
+        from verifier.search_zonotope import zonotope_hard_metrics
 
         search = self.doc["search"]
         path = self.out_dir / search["history_file"]
@@ -408,7 +433,11 @@ class _Verifier:
                     f"{path.name}: {len(history)} iterations, final step matches",
                 )
         if prepared is not None:
-            hard = list(hard_metrics(graph, lid.box, [t.search for t in prepared]))
+            search_tasks = [t.search for t in prepared]
+            if isinstance(lid.domain, Zonotope):
+                hard = list(zonotope_hard_metrics(graph, lid.domain, search_tasks))
+            else:
+                hard = list(hard_metrics(graph, lid.domain, search_tasks))
             feasible = all(h >= t.search_target for h, t in zip(hard, prepared, strict=True))
             self.compare(
                 "search",
@@ -424,7 +453,7 @@ class _Verifier:
             "search",
             "not recomputed",
             f"{len(search['checkpoints'])} checkpoints and the choice '{search['chosen']}' "
-            "(the candidate boxes are not stored)",
+            f"(the candidate {'zonotopes' if lid.kind == 'zonotope' else 'boxes'} are not stored)",
         )
 
     def crosscheck(self, model_sha: str) -> None:
@@ -530,7 +559,7 @@ def verify_artifacts(
     if not check.structure():
         return check.result
     spec = check.spec()
-    loaded = check.model(model_path)
+    loaded = check.model(model_path, spec)
     if loaded is None:
         return check.result
     graph, model_sha = loaded

@@ -4,11 +4,11 @@ For each LID the model it was computed for (its *base*) is found: a `--base` fil
 named by the LID's certificate.json, in either case only when its sha256 is the one the LID
 records. The updated model must be the same network as the base (`compatibility`), holding
 every boxed parameter with the LID's shape. The update is projected onto each LID (boxed
-tensors clamped, every other float tensor reset to the base's value, since the certificate is
-about that network), one LID is kept or chosen (`selection`), and the base model is written
-with the projected values. Before the file is renamed into place it is read back and every
-boxed value is checked to lie in the LID, in float64, exactly; every other tensor must equal
-the base's and the graph must be the base's.
+tensors clamped into a box LID, or projected jointly onto a zonotope LID; every other float
+tensor reset to the base's value, since the certificate is about that network), one LID is kept
+or chosen (`selection`), and the base model is written with the projected values. Before the
+file is renamed into place it is read back and every boxed value is checked to lie in the LID,
+in float64, exactly; every other tensor must equal the base's and the graph must be the base's.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from verifier.data import Dataset, validate_for_model
 from verifier.domains.box import Box
 from verifier.domains.io import LidFile, check_lid_matches, file_sha256, load_lid
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, DomainError, GraphError, SoundnessError
 from verifier.onnx_export import save_with_parameters
 from verifier.onnx_import import check_model, load_graph, read_model
@@ -243,10 +244,16 @@ def project_model(
             models[base] = (model, stored_tensors(model, source=base))
         base_model, base_tensors = models[base]
         check_lid_matches(lid, {n: s.value for n, s in base_tensors.items()}, source=str(lid_path))
-        _check_compatible(updated, updated_model, theta, lid_path, lid.box, base, base_model)
-        box = representable_box(lid.box, {n: theta[n].dtype for n in lid.box.names})
-        reference = {n: s.value for n, s in base_tensors.items() if n not in box.lower}
-        projection = project_parameters(values, box, reference=reference)
+        domain = lid.domain
+        _check_compatible(updated, updated_model, theta, lid_path, domain, base, base_model)
+        dtypes = {n: theta[n].dtype for n in domain.names}
+        reference = {n: s.value for n, s in base_tensors.items() if n not in domain.lower}
+        if isinstance(domain, Zonotope):
+            # ε is shared by all tensors: one joint projection, computed in the storage dtypes
+            projection = project_parameters(values, domain, reference=reference, dtypes=dtypes)
+        else:
+            box = representable_box(domain, dtypes)
+            projection = project_parameters(values, box, reference=reference)
         candidates.append(
             Candidate(lid_path, lid, base, find_certificate(lid_path, lid), projection)
         )
@@ -254,12 +261,13 @@ def project_model(
     if rule == "loss" and data is not None and not any(c.projection.inside for c in candidates):
         losses = [_loss(c, data) for c in candidates]
     selection = select_lid(
-        [c.projection for c in candidates], [c.lid.box for c in candidates], rule, losses=losses
+        [c.projection for c in candidates], [c.lid.domain for c in candidates], rule, losses=losses
     )
     chosen = candidates[selection.index]
     base_model, base_tensors = models[chosen.base]
-    boxed = {n: chosen.projection.theta[n] for n in chosen.lid.box.names}
-    out_sha = _write_checked(chosen.base, base_model, base_tensors, chosen.lid.box, boxed, out)
+    domain = chosen.lid.domain
+    boxed = {n: chosen.projection.theta[n] for n in domain.names}
+    out_sha = _write_checked(chosen.base, base_model, base_tensors, domain, boxed, out)
     return ModelProjection(updated, out, out_sha, tuple(candidates), selection)
 
 
@@ -268,7 +276,7 @@ def _check_compatible(
     updated_model: Any,
     theta: dict[str, StoredTensor],
     lid_path: Path,
-    box: Box,
+    box: Box | Zonotope,
     base: Path,
     base_model: Any,
 ) -> None:
@@ -301,7 +309,7 @@ def _write_checked(
     base: Path,
     base_model: Any,
     base_tensors: dict[str, StoredTensor],
-    box: Box,
+    box: Box | Zonotope,
     boxed: dict[str, torch.Tensor],
     out: Path,
 ) -> str:

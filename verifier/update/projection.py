@@ -1,4 +1,5 @@
-"""Euclidean projection of parameter values onto a box LID, exact in the storage dtype.
+"""Euclidean projection of parameter values onto a LID (box or zonotope), exact in the storage
+dtype.
 
 A LID T fixes every parameter it does not box at the value it had in the model the LID was
 computed for (the certificate is about that network), so the projection onto T clamps the
@@ -11,6 +12,11 @@ representable corners gives a representable value, so no rounding happens afterw
 membership holds exactly, in float64. Corners written by `verifier lid` are already
 float32-representable (`verifier.search.inward_float32`), so for float32 models this is the
 plain clamp.
+
+Zonotope LIDs: the generators' coefficients ε are shared by all boxed tensors, so the boxed
+tensors are projected jointly, with one `Zonotope.project` call, in their storage dtypes; that
+call returns values that lie in the zonotope exactly (checked in float64, see
+`verifier.domains.zonotope`) and keeps values already inside bit for bit.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from torch import Tensor
 
 from verifier.domains.box import Box
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError
 
 
@@ -140,30 +147,41 @@ class Projection:
 
 def project_parameters(
     theta: Mapping[str, Tensor],
-    box: Box,
+    box: Box | Zonotope,
     *,
     reference: Mapping[str, Tensor] | None = None,
+    dtypes: Mapping[str, torch.dtype] | None = None,
 ) -> Projection:
-    """Euclidean projection of theta onto {θ : θ_boxed in box, θ_other = reference}, in float64.
+    """Euclidean projection of theta onto {θ : θ_boxed in LID, θ_other = reference}, in float64.
 
     Args:
         theta: values keyed by initializer name; must include every boxed name.
-        box: the LID, ideally from `representable_box` so the result can be stored exactly.
+        box: the LID: a `Box`, ideally from `representable_box` so the result can be stored
+            exactly, or a `Zonotope` (its boxed tensors are projected jointly, see the module
+            docstring).
         reference: values the LID fixes (its model's values) for names it does not box; names
-            of theta found in neither the box nor reference pass through unchanged.
+            of theta found in neither the LID nor reference pass through unchanged.
+        dtypes: zonotopes only: the storage dtype per boxed name, in which the projection is
+            computed so that it can be stored exactly (default: the dtype of theta's tensor).
 
     Returns:
         The projected values and per-tensor moves.
 
     Raises:
-        DomainError: a boxed name is missing from theta or has another shape.
+        DomainError: a boxed name is missing from theta or has another shape, or (zonotopes)
+            a projected value cannot be stored in its dtype inside the LID.
     """
     reference = reference or {}
     out: dict[str, Tensor] = {}
     moves = []
+    jointly: dict[str, Tensor] = {}
+    if isinstance(box, Zonotope):
+        jointly = _project_zonotope(theta, box, dtypes or {})
     for name, value in theta.items():
         v64 = value.detach().to(torch.float64)
-        if name in box.lower:
+        if name in jointly:
+            projected = jointly[name]
+        elif name in box.lower:
             lo = box.lower[name].to(v64)
             if lo.shape != v64.shape:
                 raise DomainError(
@@ -193,3 +211,24 @@ def project_parameters(
         raise DomainError(f"the LID boxes {missing}, which are not among the given parameters")
     kept = [m for m in moves if m.boxed or m.n_changed > 0]
     return Projection(out, tuple(kept))
+
+
+def _project_zonotope(
+    theta: Mapping[str, Tensor], zonotope: Zonotope, dtypes: Mapping[str, torch.dtype]
+) -> dict[str, Tensor]:
+    """The boxed tensors of theta projected jointly onto the zonotope, widened to float64."""
+    point = {}
+    for name, lo in zonotope.lower.items():
+        if name not in theta:
+            continue
+        value = theta[name].detach()
+        if tuple(value.shape) != tuple(lo.shape):
+            raise DomainError(
+                f"parameter '{name}' has shape {tuple(value.shape)}; the LID has {tuple(lo.shape)}"
+            )
+        point[name] = value.to(dtypes.get(name, value.dtype))
+    missing = [n for n in zonotope.names if n not in point]
+    if missing:
+        raise DomainError(f"the LID boxes {missing}, which are not among the given parameters")
+    projected = zonotope.project(point)
+    return {n: projected[n].to(torch.float64) for n in zonotope.lower}

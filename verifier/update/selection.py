@@ -10,6 +10,12 @@ the lowest score wins (ties: smaller distance, then earlier LID):
   parameter units, so the score is unit-free: the update's distance to T measured in T's own
   radius. For the same distance it prefers the larger LID, which leaves more room for the next
   update. A box of zero size scores +inf (it is chosen only if every score is +inf).
+  For a zonotope T = {c + diag(r) δ + Gᵀε : δ, ε ∈ [-1, 1]} the size is its root-mean-square
+  vertex radius s(T) = sqrt(||r||_2^2 + Σ_k ||G_k||_2^2), the RMS distance from the centre to
+  the points with every coefficient ±1 (the cross terms vanish on average). With k = 0 every
+  vertex lies at ||r||_2, so this is the half-diagonal and boxes and zonotopes compare in the
+  same units; like `Zonotope.size("isotropic_width")`, a generator counts by its Euclidean
+  length, not by the hull it spans.
 * `loss`: the mean cross-entropy of the projected network on a data batch, in float64
   (a NaN loss counts as +inf).
 
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from verifier.domains.box import Box
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError
 from verifier.graph import Graph
 from verifier.update.projection import Projection
@@ -38,8 +45,17 @@ Rule = Literal["closest", "size-weighted", "loss"]
 RULES: tuple[str, ...] = get_args(Rule)
 
 
-def half_diagonal(box: Box) -> float:
-    """The size used by the size-weighted rule: ||upper - lower||_2 / 2, in float64."""
+def half_diagonal(box: Box | Zonotope) -> float:
+    """The size used by the size-weighted rule, in float64: ||upper - lower||_2 / 2 for a box;
+    for a zonotope sqrt(||(upper - lower) / 2||_2^2 + Σ_k ||G_k||_2^2), its RMS vertex radius
+    (the half-diagonal when k = 0; see the module docstring)."""
+    if isinstance(box, Zonotope):
+        total = 0.0
+        for name, lo in box.lower.items():
+            half = (box.upper[name].to(torch.float64) - lo.to(torch.float64)) / 2
+            total += float((half**2).sum())
+            total += float((box.generators[name].to(torch.float64) ** 2).sum())
+        return math.sqrt(total)
     total = sum(float((w.to(torch.float64) ** 2).sum()) for w in box.widths().values())
     return 0.5 * math.sqrt(total)
 
@@ -78,7 +94,7 @@ class CandidateScore:
         index: position of the LID in the order given.
         inside: the update already lies in this LID.
         distance: Euclidean distance from the update to its projection.
-        size: the LID's half-diagonal.
+        size: the LID's half-diagonal (`half_diagonal`).
         score: the value the rule minimises.
         loss: cross-entropy after projection (loss rule only).
     """
@@ -110,7 +126,7 @@ class Selection:
 
 def select_lid(
     projections: Sequence[Projection],
-    boxes: Sequence[Box],
+    boxes: Sequence[Box | Zonotope],
     rule: Rule,
     *,
     losses: Sequence[float] | None = None,
@@ -119,7 +135,7 @@ def select_lid(
 
     Args:
         projections: the update projected onto each LID.
-        boxes: the LIDs, same order.
+        boxes: the LIDs (boxes or zonotopes), same order.
         rule: "closest", "size-weighted" or "loss".
         losses: cross-entropy of each projected network; required for the loss rule.
 

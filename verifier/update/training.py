@@ -1,10 +1,11 @@
 """Projected training: any torch optimiser step, then the projection onto the LID.
 
 This is projected gradient descent with the LID as the feasible set ("PGD with LID"): after
-every step the boxed parameters are clamped into the box, so at every point of training the
-network lies in the LID and its certificate applies. The parameters the LID does not box must
-keep the values of the model the LID was computed for; `TrainableGraph(graph, names=box.names)`
-makes only the boxed ones trainable.
+every step the boxed parameters are clamped into the box (for a zonotope LID, projected jointly
+onto it with one `Zonotope.project` call, since its coefficients ε are shared by all tensors),
+so at every point of training the network lies in the LID and its certificate applies. The
+parameters the LID does not box must keep the values of the model the LID was computed for;
+`TrainableGraph(graph, names=box.names)` makes only the boxed ones trainable.
 
 Parameters are keyed by ONNX initializer name. A `TrainableGraph` turns any verifier `Graph`
 into an `nn.Module` with one `nn.Parameter` per initializer; for a module of your own,
@@ -25,6 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from verifier.domains.box import Box
 from verifier.domains.io import LidFile
+from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError
 from verifier.graph import Graph
 from verifier.update.projection import representable_corners
@@ -157,16 +159,19 @@ def match_parameters(
 
 
 class SafeUpdate:
-    """Keeps parameters inside a box LID: `project()` clamps them in place.
+    """Keeps parameters inside a LID: `project()` moves them into it in place.
 
-    Corners are rounded inward to each parameter's dtype once, so the clamp is exact and the
-    result lies in the LID in float64 (`contains()` checks it). Works on any device.
+    Box LIDs: corners are rounded inward to each parameter's dtype once, so the clamp is exact
+    and the result lies in the LID in float64 (`contains()` checks it). Zonotope LIDs: all
+    boxed tensors are projected jointly by `Zonotope.project`, which returns values in each
+    tensor's dtype that lie in the zonotope exactly (float64 check) and keeps values already
+    inside bit for bit; the results are copied back. Works on any device.
     """
 
     def __init__(
         self,
         target: nn.Module | Mapping[str, Tensor],
-        lid: Box | LidFile,
+        lid: Box | Zonotope | LidFile,
         *,
         names: Mapping[str, str] | None = None,
     ) -> None:
@@ -174,7 +179,7 @@ class SafeUpdate:
 
         Args:
             target: the module being trained, or its tensors keyed by initializer name.
-            lid: the LID (a `Box`, or a `LidFile` from `verifier.load_lid`).
+            lid: the LID (a `Box`, a `Zonotope`, or a `LidFile` from `verifier.load_lid`).
             names: for a module: initializer name -> module parameter name, where matching by
                 name and unique shape (`match_parameters`) is not enough.
 
@@ -182,8 +187,8 @@ class SafeUpdate:
             DomainError: a boxed parameter is missing, has another shape, or its box holds no
                 value of the parameter's dtype.
         """
-        self.box = lid.box if isinstance(lid, LidFile) else lid
-        shapes = {n: tuple(t.shape) for n, t in self.box.lower.items()}
+        self.domain: Box | Zonotope = lid.domain if isinstance(lid, LidFile) else lid
+        shapes = {n: tuple(t.shape) for n, t in self.domain.lower.items()}
         if isinstance(target, nn.Module):
             self.tensors = match_parameters(target, shapes, names=names)
             boxed = {id(t) for t in self.tensors.values()}
@@ -208,8 +213,23 @@ class SafeUpdate:
                         f"has {shape}"
                     )
         self._corners: dict[str, tuple[Tensor, Tensor]] = {}
-        for name in self.box.names:
-            self._corners_for(name)
+        if isinstance(self.domain, Box):
+            for name in self.domain.names:
+                self._corners_for(name)
+
+    @property
+    def box(self) -> Box:
+        """The LID as a `Box` (box LIDs only).
+
+        Raises:
+            DomainError: the LID is a zonotope; use `.domain`.
+        """
+        if isinstance(self.domain, Zonotope):
+            raise DomainError(
+                f"this SafeUpdate keeps a zonotope LID (k = {self.domain.n_generators}); use "
+                "`.domain`"
+            )
+        return self.domain
 
     def _corners_for(self, name: str) -> tuple[Tensor, Tensor]:
         t = self.tensors[name]
@@ -224,14 +244,26 @@ class SafeUpdate:
 
     @torch.no_grad()
     def project(self) -> None:
-        """Clamp every boxed parameter into the LID, in place (the Euclidean projection)."""
+        """Move every boxed parameter into the LID, in place (the Euclidean projection).
+
+        Raises:
+            DomainError: (zonotopes) a projected value cannot be stored in its tensor's dtype
+                inside the LID (see `Zonotope.representable`).
+        """
+        if isinstance(self.domain, Zonotope):
+            projected = self.domain.project({n: t.detach() for n, t in self.tensors.items()})
+            for name, t in self.tensors.items():
+                value = projected[name]
+                if value is not t and not torch.equal(value, t):
+                    t.copy_(value)
+            return
         for name, t in self.tensors.items():
             lo, up = self._corners_for(name)
             t.clamp_(lo, up)
 
     def contains(self) -> bool:
         """True when every boxed parameter lies in the LID, checked in float64."""
-        return self.box.contains({n: t.detach().cpu() for n, t in self.tensors.items()})
+        return self.domain.contains({n: t.detach().cpu() for n, t in self.tensors.items()})
 
     def attach(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
         """Project after every `optimizer.step()` (a step post-hook); returns its handle.
@@ -252,7 +284,7 @@ class ProjectedOptimizer:
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        lid: Box | LidFile | SafeUpdate,
+        lid: Box | Zonotope | LidFile | SafeUpdate,
         target: nn.Module | Mapping[str, Tensor] | None = None,
         *,
         names: Mapping[str, str] | None = None,
