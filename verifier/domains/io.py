@@ -98,6 +98,10 @@ def write_atomic(path: Path, write: object) -> None:
     os.close(fd)
     try:
         write(Path(tmp))  # type: ignore[operator]
+        # mkstemp creates the file 0600; give it the mode a plain open() would (umask applies)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
