@@ -230,6 +230,14 @@ def frozen_by_importance(importance: Mapping[str, Tensor], fraction: float) -> d
     return {n: v <= threshold for n, v in importance.items()}
 
 
+def _down_float32(value: Tensor) -> Tensor:
+    """max(value, 0) as float32, rounded toward zero (a cap never exceeds the true room)."""
+    value = value.clamp(min=0)
+    down = value.float()
+    zero = torch.zeros((), dtype=torch.float32, device=down.device)
+    return torch.where(down.double() > value, torch.nextafter(down, zero), down)
+
+
 class _Widths:
     """The search variables d_lo, d_hi >= 0 and their projection."""
 
@@ -251,8 +259,8 @@ class _Widths:
             cap_lo = torch.full_like(t, float("inf"))
             cap_hi = torch.full_like(t, float("inf"))
             if outer is not None and n in outer.lower:
-                cap_lo = (t.double() - outer.lower[n].to(t.device).double()).clamp(min=0).float()
-                cap_hi = (outer.upper[n].to(t.device).double() - t.double()).clamp(min=0).float()
+                cap_lo = _down_float32(t.double() - outer.lower[n].to(t.device).double())
+                cap_hi = _down_float32(outer.upper[n].to(t.device).double() - t.double())
             if frozen is not None and n in frozen:
                 mask = frozen[n].to(t.device)
                 cap_lo = torch.where(mask, torch.zeros_like(t), cap_lo)

@@ -92,6 +92,10 @@ class LidConfig:
         free_radius: half-width of rows no task of the LID reads.
         certify_every_row: certify LID_t on every earlier task (else the diagonal and the
             last row only); cheap for head-only boxes, whose body features are cached.
+        active_classes: Class-IL only: the training loss compares the logits of the classes
+            seen so far (van de Ven et al.'s "active classes"); prediction, τ and the
+            certificates stay 10-way. Unseen classes' logits are then not pushed down while
+            earlier tasks train, which leaves the nested boxes room for later classes.
     """
 
     tolerance: float = 0.12
@@ -103,6 +107,7 @@ class LidConfig:
     beta: float = 1e-3
     free_radius: float = 1e3
     certify_every_row: bool = True
+    active_classes: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,9 +144,13 @@ class Projection(Strategy):
 
     name = "LID"
 
-    def __init__(self, box: Box) -> None:
-        self.lower = {n: t.to(torch.float32) for n, t in box.lower.items()}
-        self.upper = {n: t.to(torch.float32) for n, t in box.upper.items()}
+    def __init__(self, box: Box | None, data: TrainingData | None = None) -> None:
+        self.lower = {} if box is None else {n: t.float() for n, t in box.lower.items()}
+        self.upper = {} if box is None else {n: t.float() for n, t in box.upper.items()}
+        self.data = data
+
+    def training_data(self, task: SplitTask, seen: Sequence[SplitTask]) -> TrainingData:
+        return TrainingData.of_task(task) if self.data is None else self.data
 
     def after_step(self, model: torch.nn.Module) -> None:
         with torch.no_grad():
@@ -160,6 +169,8 @@ def train_projected(
     box: Box | None,
     config: TrainConfig,
     generator: torch.Generator,
+    *,
+    data: TrainingData | None = None,
 ) -> None:
     """Train on a task, projecting onto `box` after every step (no projection when None).
 
@@ -173,15 +184,13 @@ def train_projected(
         box: the LID to project onto, or None.
         config: per-task optimisation settings.
         generator: randomness of the batches.
+        data: what to train on (default: the task's training split with the task's rows).
     """
-    if box is None:
-        train_task(model, Strategy(), task, [], config, generator)
-        return
     head = ("fc.weight", "fc.bias")
-    if not _pins_all_but_head(box, head):
-        train_task(model, Projection(box), task, [], config, generator)
+    if box is None or not _pins_all_but_head(box, head):
+        train_task(model, Projection(box, data), task, [], config, generator)
         return
-    data = TrainingData.of_task(task)
+    data = TrainingData.of_task(task) if data is None else data
     with torch.no_grad():
         features = torch.cat(
             [model.features(data.x[i : i + 2000]) for i in range(0, len(data), 2000)]
@@ -195,6 +204,19 @@ def train_projected(
         loss.backward()
         optimiser.step()
         projection.after_step(model)
+
+
+def _active_class_data(task: SplitTask, seen: Sequence[SplitTask]) -> TrainingData | None:
+    """Class-IL training data whose loss compares only the classes seen so far (None for
+    tasks with a masked head, whose rows are already the task's own)."""
+    if len(task.rows) <= len(task.digits):
+        return None
+    active = sorted({d for t in seen for d in t.digits})
+    data = TrainingData.of_task(task)
+    position = torch.full((max(task.rows) + 1,), -1, dtype=torch.int64)
+    position[torch.tensor(active)] = torch.arange(len(active))
+    rows = torch.tensor(active, dtype=torch.int64).expand(len(data), len(active))
+    return TrainingData(data.x, position[torch.tensor(task.rows)[data.y]], rows)
 
 
 def _point_box(theta: dict[str, Tensor]) -> Box:
@@ -461,7 +483,8 @@ def run_lid_sequence(
         if t == 0 and first is not None:
             resume_first_task(model, first, generator)
         else:
-            train_projected(model, task, outer, train_config, generator)
+            data = _active_class_data(task, tasks[: t + 1]) if config.active_classes else None
+            train_projected(model, task, outer, train_config, generator, data=data)
         if outer is not None and not outer.contains(dict(model.named_parameters())):
             raise SoundnessError(f"weights left LID_{t} during projected training")
         rows.append(accuracy_row(model, tasks))
