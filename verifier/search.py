@@ -35,6 +35,7 @@ from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.intervals import Rule
 from verifier.certify import Metric, certify_samples, empirical_metric
 from verifier.domains.box import Box
+from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
 from verifier.spec import SearchSection
 
@@ -114,7 +115,7 @@ def inward_float32(box: Box) -> Box:
 
 def hard_metrics(
     graph: Graph,
-    box: Box,
+    domain: Box | Zonotope,
     tasks: Sequence[SearchTask],
     *,
     chunk_size: int = 512,
@@ -124,8 +125,9 @@ def hard_metrics(
     and on the validation samples (a candidate is feasible only if both meet τ').
 
     With `proof=True` (the default) every sample is proved in float64 with its rounding
-    allowance. `proof=False` is a float32 guide without allowance, used only to steer the
-    choice of candidates; whatever the search returns is re-checked with `proof=True`.
+    allowance. `proof=False` is a float32 guide without allowance for boxes, used only to
+    steer the choice of candidates; whatever the search returns is re-checked with
+    `proof=True`. Zonotopes are always proved.
     """
     out = []
     for task in tasks:
@@ -133,10 +135,10 @@ def hard_metrics(
         for x, y in ((task.x, task.y), (task.x_val, task.y_val)):
             if x.shape[0] == 0:
                 continue
-            if proof:
-                mask, _ = certify_samples(graph, box, x, y, chunk_size=chunk_size)
+            if proof or not isinstance(domain, Box):
+                mask, _ = certify_samples(graph, domain, x, y, chunk_size=chunk_size)
             else:
-                mask = _guide_mask(graph, box, x, y, chunk_size=chunk_size)
+                mask = _guide_mask(graph, domain, x, y, chunk_size=chunk_size)
             values.append(empirical_metric(mask, y.to(mask.device), task.metric))
         out.append(min(values))
     return tuple(out)
@@ -157,6 +159,76 @@ def _guide_mask(graph: Graph, box: Box, x: Tensor, y: Tensor, *, chunk_size: int
             for i in range(0, x.shape[0], chunk_size)
         ]
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
+def meets_targets(hard: Sequence[float], tasks: Sequence[SearchTask]) -> bool:
+    """Whether every task's hard metric reaches its target τ'."""
+    return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
+
+
+def tasks_on(tasks: Sequence[SearchTask], device: str | torch.device) -> list[SearchTask]:
+    """The tasks with their samples on `device` (inputs as float32)."""
+    return [
+        SearchTask(
+            t.name,
+            t.metric,
+            t.target,
+            t.x.to(device, torch.float32),
+            t.y.to(device),
+            t.x_val.to(device, torch.float32),
+            t.y_val.to(device),
+        )
+        for t in tasks
+    ]
+
+
+def soft_metric(margin_lower: Tensor, y: Tensor, metric: Metric, temperature: float) -> Tensor:
+    """The differentiable surrogate of the certified metric: per sample the softmax weight of
+    the true class when its worst-case margins against the others are `margin_lower`
+    (batch, classes - 1), i.e. 1 / (1 + Σ exp(-t m)); averaged (accuracy) or averaged per class
+    and then over the classes present (balanced accuracy)."""
+    neg = -temperature * margin_lower
+    zeros = torch.zeros_like(neg[:, :1])
+    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
+    if metric == "accuracy":
+        return prob.mean()
+    return torch.stack([prob[y == c].mean() for c in torch.unique(y)]).mean()
+
+
+@dataclass
+class DualState:
+    """The augmented Lagrangian's dual variables λ_i, penalties ρ_i and the shared lr
+    multiplier (module docstring)."""
+
+    lam: list[float]
+    rho: list[float]
+    lr_scale: float = 1.0
+
+    @classmethod
+    def start(cls, n_tasks: int, config: SearchSection) -> DualState:
+        return cls([0.0] * n_tasks, [config.penalty] * n_tasks)
+
+    def lagrangian(self, tasks: Sequence[SearchTask], softs: Sequence[Tensor]) -> Tensor:
+        """Σ_i λ_i g_i + (ρ_i / 2) [g_i]_+^2 with g_i = τ'_i - SoftMetric_i."""
+        total = torch.zeros((), dtype=softs[0].dtype, device=softs[0].device)
+        for i, (task, soft) in enumerate(zip(tasks, softs, strict=True)):
+            g = task.target - soft
+            total = total + self.lam[i] * g + self.rho[i] / 2 * torch.relu(g) ** 2
+        return total
+
+    def update(
+        self, tasks: Sequence[SearchTask], hards: Sequence[float], config: SearchSection
+    ) -> None:
+        """Dual ascent on the hard violations, penalty growth, and the lr multiplier."""
+        violated = False
+        for i, task in enumerate(tasks):
+            violation = task.target - hards[i]
+            self.lam[i] = max(0.0, self.lam[i] + config.dual_lr * violation)
+            if violation > 0:
+                self.rho[i] *= config.penalty_growth
+                violated = True
+        scale = self.lr_scale * (LR_SLOW if violated else LR_FAST)
+        self.lr_scale = min(max(scale, LR_SCALE_RANGE[0]), LR_SCALE_RANGE[1])
 
 
 def fisher_importance(
@@ -314,16 +386,8 @@ def _soft_and_hard(
     xb, yb = task.x[idx], task.y[idx]
     rule: Rule = "midrad" if config.bound == "midrad" else "exact"
     bounds = margin_bounds(graph, lower, upper, xb, yb, rule=rule)
-    neg = -config.temperature * bounds.lower
-    zeros = torch.zeros_like(neg[:, :1])
-    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
-    hard_mask = bounds.certified()
-    if task.metric == "accuracy":
-        soft = prob.mean()
-    else:
-        classes = torch.unique(yb)
-        soft = torch.stack([prob[yb == c].mean() for c in classes]).mean()
-    return soft, empirical_metric(hard_mask, yb, task.metric)
+    soft = soft_metric(bounds.lower, yb, task.metric, config.temperature)
+    return soft, empirical_metric(bounds.certified(), yb, task.metric)
 
 
 def _scale_box(box: Box, theta0: Mapping[str, Tensor], factor: float) -> Box:
@@ -348,7 +412,7 @@ def shrink_to_feasible(
     """
 
     def meets(hard: Sequence[float]) -> bool:
-        return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
+        return meets_targets(hard, tasks)
 
     def bisect(lo: float, hi: float, steps: int, proof: bool) -> float:
         for _ in range(steps):
@@ -403,60 +467,45 @@ def search_lid(
     """
     gen = generator or torch.Generator().manual_seed(config.seed)
     theta0 = {n: graph.parameters[n].to(device=device, dtype=torch.float32) for n in names}
-    tasks = [
-        SearchTask(
-            t.name,
-            t.metric,
-            t.target,
-            t.x.to(device, torch.float32),
-            t.y.to(device),
-            t.x_val.to(device, torch.float32),
-            t.y_val.to(device),
-        )
-        for t in tasks
-    ]
+    tasks = tasks_on(tasks, device)
     widths = _Widths(theta0, config, outer, frozen)
     p = sum(t.numel() for t in theta0.values())
     free = torch.tensor(
         float(sum(int((widths.cap_lo[n] + widths.cap_hi[n] > 0).sum()) for n in theta0))
     )
     optimiser = torch.optim.Adam(widths.variables(), lr=config.lr / max(p, 1))
-    lam = [0.0 for _ in tasks]
-    rho = [config.penalty for _ in tasks]
-    lr_scale = 1.0
+    dual = DualState.start(len(tasks), config)
     history: list[SearchStep] = []
     checkpoints: list[Checkpoint] = []
     for it in range(1, config.iterations + 1):
         lower, upper = widths.corners()
-        loss = -widths.size(config.size, free)
         softs, hards = [], []
-        for i, task in enumerate(tasks):
+        for task in tasks:
             n = task.x.shape[0]
             idx = torch.randperm(n, generator=gen)[: config.batch_size].to(device)
             soft, hard = _soft_and_hard(graph, lower, upper, task, idx, config)
-            g = task.target - soft
-            loss = loss + lam[i] * g + rho[i] / 2 * torch.relu(g) ** 2
-            softs.append(float(soft.detach()))
+            softs.append(soft)
             hards.append(hard)
+        loss = -widths.size(config.size, free) + dual.lagrangian(tasks, softs)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimiser.param_groups:
-            group["lr"] = config.lr / max(p, 1) * lr_scale
+            group["lr"] = config.lr / max(p, 1) * dual.lr_scale
         optimiser.step()
         widths.project()
-        violated = False
-        for i, task in enumerate(tasks):
-            violation = task.target - hards[i]
-            lam[i] = max(0.0, lam[i] + config.dual_lr * violation)
-            if violation > 0:
-                rho[i] *= config.penalty_growth
-                violated = True
-        lr_scale = lr_scale * (LR_SLOW if violated else LR_FAST)
-        lr_scale = min(max(lr_scale, LR_SCALE_RANGE[0]), LR_SCALE_RANGE[1])
+        dual.update(tasks, hards, config)
         with torch.no_grad():
             mean_width = float(widths.size("mean_width", torch.tensor(float(p))))
             size = float(widths.size(config.size, free))
-        step = SearchStep(it, mean_width, size, tuple(softs), tuple(hards), tuple(lam), lr_scale)
+        step = SearchStep(
+            it,
+            mean_width,
+            size,
+            tuple(float(v.detach()) for v in softs),
+            tuple(hards),
+            tuple(dual.lam),
+            dual.lr_scale,
+        )
         history.append(step)
         if on_step is not None:
             on_step(step)
@@ -483,7 +532,7 @@ def _choose(
     """
 
     def meets(hard: Sequence[float]) -> bool:
-        return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
+        return meets_targets(hard, tasks)
 
     if not config.shrink:
         hard = hard_metrics(graph, final, tasks)

@@ -50,23 +50,25 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.zonotope import check_supported, zonotope_margin_bounds
-from verifier.certify import certify_samples, empirical_metric
+from verifier.certify import empirical_metric
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import SpecError
 from verifier.graph import Graph
 from verifier.search import (
-    LR_FAST,
-    LR_SCALE_RANGE,
-    LR_SLOW,
     SHRINK_STEPS,
     Checkpoint,
+    DualState,
     SearchResult,
     SearchStep,
     SearchTask,
     fisher_importance,
+    hard_metrics,
     inward_float32,
+    meets_targets,
     search_lid,
+    soft_metric,
+    tasks_on,
 )
 from verifier.spec import SearchSection, ZonotopeSection
 
@@ -410,27 +412,6 @@ def initial_generators(
     return {n: g * scale for n, g in raw.items()}
 
 
-def zonotope_hard_metrics(
-    graph: Graph, zonotope: Zonotope, tasks: Sequence[SearchTask], *, chunk_size: int = 512
-) -> tuple[float, ...]:
-    """Float64 hard certified metric of each task over the zonotope: the smaller of its value
-    on the gradient samples and on the validation samples."""
-    out = []
-    for task in tasks:
-        values = []
-        for x, y in ((task.x, task.y), (task.x_val, task.y_val)):
-            if x.shape[0] == 0:
-                continue
-            mask, _ = certify_samples(graph, zonotope, x, y, chunk_size=chunk_size)
-            values.append(empirical_metric(mask, y.to(mask.device), task.metric))
-        out.append(min(values))
-    return tuple(out)
-
-
-def _meets(hard: Sequence[float], tasks: Sequence[SearchTask]) -> bool:
-    return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
-
-
 def shrink_zonotope_to_feasible(
     graph: Graph, variables: ZonotopeVariables, tasks: Sequence[SearchTask]
 ) -> tuple[Zonotope, tuple[float, ...], float]:
@@ -440,17 +421,17 @@ def shrink_zonotope_to_feasible(
         (zonotope, its hard metrics, s); s = 0 (the point θ0) when nothing else is feasible.
     """
     full = variables.zonotope(1.0)
-    hard = zonotope_hard_metrics(graph, full, tasks)
-    if _meets(hard, tasks):
+    hard = hard_metrics(graph, full, tasks)
+    if meets_targets(hard, tasks):
         return full, hard, 1.0
     lo, hi = 0.0, 1.0
     best = variables.zonotope(0.0)
-    best_hard = zonotope_hard_metrics(graph, best, tasks)
+    best_hard = hard_metrics(graph, best, tasks)
     for _ in range(SHRINK_STEPS):
         mid = (lo + hi) / 2
         candidate = variables.zonotope(mid)
-        mid_hard = zonotope_hard_metrics(graph, candidate, tasks)
-        if _meets(mid_hard, tasks):
+        mid_hard = hard_metrics(graph, candidate, tasks)
+        if meets_targets(mid_hard, tasks):
             lo, best, best_hard = mid, candidate, mid_hard
         else:
             hi = mid
@@ -467,13 +448,7 @@ def _soft_and_hard(
     xb, yb = task.x[idx], task.y[idx]
     lower, upper = variables.corners()
     bounds = zonotope_margin_bounds(graph, lower, upper, variables.gens, xb, yb)
-    neg = -temperature * bounds.lower
-    zeros = torch.zeros_like(neg[:, :1])
-    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
-    if task.metric == "accuracy":
-        soft = prob.mean()
-    else:
-        soft = torch.stack([prob[yb == c].mean() for c in torch.unique(yb)]).mean()
+    soft = soft_metric(bounds.lower, yb, task.metric, temperature)
     return soft, empirical_metric(bounds.certified(), yb, task.metric)
 
 
@@ -538,18 +513,7 @@ def search_zonotope_lid(
         on_step=on_step,
     )
     theta0 = {n: graph.parameters[n].to(device=device, dtype=torch.float32) for n in names}
-    tasks = [
-        SearchTask(
-            t.name,
-            t.metric,
-            t.target,
-            t.x.to(device, torch.float32),
-            t.y.to(device),
-            t.x_val.to(device, torch.float32),
-            t.y_val.to(device),
-        )
-        for t in tasks
-    ]
+    tasks = tasks_on(tasks, device)
     variables = ZonotopeVariables(
         theta0,
         search,
@@ -573,58 +537,49 @@ def search_zonotope_lid(
     )
     multipliers = [1.0, config.generator_lr]
     history = list(boxed.history)
-    lam = list(history[-1].lam) if history else [0.0 for _ in tasks]
-    rho = [
-        search.penalty
-        * search.penalty_growth ** sum(1 for step in history if step.hard[i] < task.target)
-        for i, task in enumerate(tasks)
-    ]
-    lr_scale = 1.0
+    dual = DualState(
+        list(history[-1].lam) if history else [0.0 for _ in tasks],
+        [
+            search.penalty
+            * search.penalty_growth ** sum(1 for step in history if step.hard[i] < task.target)
+            for i, task in enumerate(tasks)
+        ],
+    )
     offset = len(history)
     checkpoints: list[ZonotopeCheckpoint] = []
     iterations = search.iterations if config.iterations is None else config.iterations
     for it in range(1, iterations + 1):
-        loss = -variables.size()
         softs, hards = [], []
-        for i, task in enumerate(tasks):
+        for task in tasks:
             idx = torch.randperm(task.x.shape[0], generator=gen)[: search.batch_size].to(device)
             soft, hard = _soft_and_hard(graph, variables, task, idx, search.temperature)
-            g = task.target - soft
-            loss = loss + lam[i] * g + rho[i] / 2 * torch.relu(g) ** 2
-            softs.append(float(soft.detach()))
+            softs.append(soft)
             hards.append(hard)
+        loss = -variables.size() + dual.lagrangian(tasks, softs)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         for group, multiplier in zip(optimiser.param_groups, multipliers, strict=True):
-            group["lr"] = base_lr * multiplier * lr_scale
+            group["lr"] = base_lr * multiplier * dual.lr_scale
         optimiser.step()
         variables.project()
-        violated = False
-        for i, task in enumerate(tasks):
-            violation = task.target - hards[i]
-            lam[i] = max(0.0, lam[i] + search.dual_lr * violation)
-            if violation > 0:
-                rho[i] *= search.penalty_growth
-                violated = True
-        lr_scale = lr_scale * (LR_SLOW if violated else LR_FAST)
-        lr_scale = min(max(lr_scale, LR_SCALE_RANGE[0]), LR_SCALE_RANGE[1])
+        dual.update(tasks, hards, search)
         with torch.no_grad():
             size = float(variables.size())
         step = SearchStep(
             offset + it,
             variables.hull_mean_width(),
             size,
-            tuple(softs),
+            tuple(float(v.detach()) for v in softs),
             tuple(hards),
-            tuple(lam),
-            lr_scale,
+            tuple(dual.lam),
+            dual.lr_scale,
         )
         history.append(step)
         if on_step is not None:
             on_step(step)
         if it % search.checkpoint_every == 0 or it == iterations:
             candidate = variables.zonotope()
-            hard_ck = zonotope_hard_metrics(graph, candidate, tasks)
+            hard_ck = hard_metrics(graph, candidate, tasks)
             size_ck = variables.measure(candidate)
             checkpoints.append(ZonotopeCheckpoint(offset + it, candidate, hard_ck, size_ck))
     start = ZonotopeCheckpoint(
@@ -645,11 +600,11 @@ def _choose(
 ) -> ZonotopeSearchResult:
     if not search.shrink:
         final = variables.zonotope()
-        hard = checkpoints[-1].hard if checkpoints else zonotope_hard_metrics(graph, final, tasks)
+        hard = checkpoints[-1].hard if checkpoints else hard_metrics(graph, final, tasks)
         return ZonotopeSearchResult(
             final,
             hard,
-            _meets(hard, tasks),
+            meets_targets(hard, tasks),
             "final zonotope (no shrink)",
             checkpoints,
             history,
@@ -658,9 +613,11 @@ def _choose(
         )
     shrunk, shrunk_hard, factor = shrink_zonotope_to_feasible(graph, variables, tasks)
     label = "final zonotope" if factor == 1.0 else f"final zonotope shrunk by {factor:.4f}"
-    candidates = [(f"checkpoint {c.iteration}", c) for c in checkpoints if _meets(c.hard, tasks)]
+    candidates = [
+        (f"checkpoint {c.iteration}", c) for c in checkpoints if meets_targets(c.hard, tasks)
+    ]
     final_ck = ZonotopeCheckpoint(-1, shrunk, shrunk_hard, variables.measure(shrunk))
-    if _meets(shrunk_hard, tasks):
+    if meets_targets(shrunk_hard, tasks):
         candidates.append((label, final_ck))
     # the box it starts from comes first, so ties keep the box
     if start_feasible:

@@ -409,7 +409,6 @@ class _Verifier:
 
     def search(self, graph: Any, lid: Any, prepared: list[Any] | None) -> None:
         from verifier.search import hard_metrics
-        from verifier.search_zonotope import zonotope_hard_metrics
 
         search = self.doc["search"]
         path = self.out_dir / search["history_file"]
@@ -434,10 +433,7 @@ class _Verifier:
                 )
         if prepared is not None:
             search_tasks = [t.search for t in prepared]
-            if isinstance(lid.domain, Zonotope):
-                hard = list(zonotope_hard_metrics(graph, lid.domain, search_tasks))
-            else:
-                hard = list(hard_metrics(graph, lid.domain, search_tasks))
+            hard = list(hard_metrics(graph, lid.domain, search_tasks))
             feasible = all(h >= t.search_target for h, t in zip(hard, prepared, strict=True))
             self.compare(
                 "search",
