@@ -21,7 +21,7 @@ import statistics
 import time
 
 import torch
-from torch import nn
+from bounds import mlp_graph  # benchmarks/bounds.py: a script's folder is first on sys.path
 
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.lirpa import lirpa_margin_bounds
@@ -31,7 +31,7 @@ from verifier.crosscheck.milp import solve_reduced
 from verifier.crosscheck.smt import decide_nonlinear, decide_reduced
 from verifier.data import load_dataset
 from verifier.domains import Box
-from verifier.graph import Activation, Graph, Linear, Op, Reshape
+from verifier.graph import Activation, Graph, Linear, Op
 
 
 def random_net(widths: tuple[int, ...], generator: torch.Generator) -> Graph:
@@ -52,33 +52,10 @@ def mnist_mlp(steps: int) -> tuple[Graph, float]:
     """The 784-64-64-10 MLP after `steps` Adam steps of batch 128; returns it and test accuracy."""
     train = load_dataset("mnist", split="train")
     test = load_dataset("mnist", split="test")
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
-    )
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(train), (128,), generator=gen)
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(train.x[idx]), train.y[idx]).backward()
-        opt.step()
+    graph, net = mlp_graph(train.x, train.y, steps)
     with torch.no_grad():
         accuracy = float((net(test.x).argmax(1) == test.y).float().mean())
-    params = {
-        f"fc{i}.{k}": v.detach().clone()
-        for i, m in enumerate([net[1], net[3], net[5]])
-        for k, v in m.state_dict().items()
-    }
-    ops = (
-        Reshape("flatten", (784,)),
-        Linear("fc0", "fc0.weight", "fc0.bias"),
-        Activation("r0", "relu"),
-        Linear("fc1", "fc1.weight", "fc1.bias"),
-        Activation("r1", "relu"),
-        Linear("fc2", "fc2.weight", "fc2.bias"),
-    )
-    return Graph(ops, params, "x", (1, 28, 28), "y", 10), accuracy
+    return graph, accuracy
 
 
 def stats(values: list[float]) -> str:

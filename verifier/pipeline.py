@@ -336,7 +336,8 @@ def run_lid(
     save_lid(lid_path, domain, metadata)
     history = "".join(json.dumps(asdict(step)) + "\n" for step in result.history)
     write_text_atomic(out_dir / "history.jsonl", history)
-    document = certificate_document(
+    # build_certificate reads history.jsonl (and crosscheck.json) from out_dir: write them first
+    document = build_certificate(
         spec=spec,
         model_path=model_path,
         model_sha=model_sha,
@@ -347,43 +348,11 @@ def run_lid(
         result=result,
         seconds=time.time() - started,
         command=command,
+        software=software_versions(),
     )
     document["inherited"] = inherited
     write_text_atomic(out_dir / "certificate.json", json.dumps(document, indent=2) + "\n")
     return LidRun(result, certificates, document, out_dir)
-
-
-def certificate_document(
-    *,
-    spec: Spec,
-    model_path: Path,
-    model_sha: str,
-    lid_path: Path,
-    box: Box | Zonotope,
-    tasks: Sequence[PreparedTask],
-    certificates: Sequence[TaskCertificate],
-    result: SearchResult,
-    seconds: float,
-    command: str,
-) -> dict[str, Any]:
-    """The certificate JSON document (schema: verifier/report/certificate.schema.json).
-
-    Built by `verifier.report.certificate.build_certificate`; history.jsonl (and a matching
-    crosscheck.json, if any) are read from the LID's folder, so write them first.
-    """
-    return build_certificate(
-        spec=spec,
-        model_path=model_path,
-        model_sha=model_sha,
-        lid_path=lid_path,
-        box=box,
-        tasks=tasks,
-        certificates=certificates,
-        result=result,
-        seconds=seconds,
-        command=command,
-        software=software_versions(),
-    )
 
 
 def run_certify(

@@ -21,6 +21,7 @@ its margin lower bound exceeds it (see `verifier.certify`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.intervals import Interval, Rule, enclose_bilinear, enclose_matmul
+from verifier.bounds.rounding import UNIT_ROUNDOFF_64, gamma, mapped_error
 from verifier.graph import (
     Activation,
     AffineScale,
@@ -41,8 +43,6 @@ from verifier.graph import (
     conv2d,
     pool2d,
 )
-
-UNIT_ROUNDOFF_64 = 2.0**-53
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,11 +90,6 @@ def combine_margin_bounds(first: MarginBounds, *others: MarginBounds) -> MarginB
     return best
 
 
-def _gamma(n: int) -> float:
-    nu = n * UNIT_ROUNDOFF_64
-    return nu / (1.0 - nu)
-
-
 def parameter_interval(
     name: str,
     graph: Graph,
@@ -110,17 +105,17 @@ def parameter_interval(
     return Interval.point(graph.parameters[name].to(dtype=like.dtype, device=like.device))
 
 
-def _transposed(w: Interval) -> Interval:
-    if w.is_point:
-        return Interval.point(w.lower.transpose(0, 1))
-    return Interval(w.lower.transpose(0, 1), w.upper.transpose(0, 1))
+def _channel_shape(ndim: int, axis: int) -> list[int]:
+    """[1, .., -1, .., 1]: the shape that broadcasts a per-channel vector along `axis`."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return shape
 
 
 def _scaled(interval: Interval, factor: Tensor | None, axis: int) -> Interval:
     if factor is None:
         return interval
-    shape = [1] * interval.lower.dim()
-    shape[axis] = -1
+    shape = _channel_shape(interval.lower.dim(), axis)
     return interval.scale(factor.to(interval.lower).reshape(shape))
 
 
@@ -128,8 +123,7 @@ def _affine_rest(
     out: Interval, bias: Interval | None, scale: AffineScale | None, axis: int
 ) -> Interval:
     """Apply weight_scale, then add bias*bias_scale + shift (exact for interval bias)."""
-    shape = [1] * out.lower.dim()
-    shape[axis] = -1
+    shape = _channel_shape(out.lower.dim(), axis)
     if scale is not None:
         out = out.scale(scale.weight_scale.to(out.lower).reshape(shape))
     if bias is not None:
@@ -143,9 +137,7 @@ def _affine_rest(
 def _scale_abs(scale: AffineScale | None, like: Tensor, axis: int) -> Tensor | float:
     if scale is None:
         return 1.0
-    shape = [1] * like.dim()
-    shape[axis] = -1
-    return scale.weight_scale.to(like).abs().reshape(shape)
+    return scale.weight_scale.to(like).abs().reshape(_channel_shape(like.dim(), axis))
 
 
 class _Walker:
@@ -178,7 +170,7 @@ class _Walker:
         b = self.param(op.bias, h.lower)
         if isinstance(op, Linear):
             if op.weight_layout == "in_out":
-                w = _transposed(w)
+                w = w.transpose(0, 1)
             out = enclose_matmul(h, w, rule=self.rule)
             axis = -1
 
@@ -201,11 +193,9 @@ class _Walker:
             b_mag = b.magnitude()
             if op.scale is not None:
                 b_mag = b_mag * op.scale.bias_scale.to(b_mag).abs()
-            shape = [1] * mag.dim()
-            shape[axis] = -1
-            mag = mag + b_mag.reshape(shape)
+            mag = mag + b_mag.reshape(_channel_shape(mag.dim(), axis))
         scale_abs = _scale_abs(op.scale, mag, axis)
-        new_err = _gamma(4 * n + 8) * mag * scale_abs + UNIT_ROUNDOFF_64 * out.magnitude()
+        new_err = gamma(4 * n + 8) * mag * scale_abs + UNIT_ROUNDOFF_64 * out.magnitude()
         if err is not None:
             new_err = new_err + product(err, w_mag) * scale_abs
         return out, new_err
@@ -218,18 +208,13 @@ class _Walker:
             out = h.map_monotone(fn)
             if err is not None and op.function != "relu":
                 lipschitz = 0.25 if op.function == "sigmoid" else 1.0
-                err = lipschitz * err + 4 * UNIT_ROUNDOFF_64 * out.magnitude()
+                err = mapped_error(err, lipschitz, out.magnitude())
             return out, err
         if isinstance(op, Elementwise):
             return self.elementwise(op, h, err)
         if isinstance(op, Reshape):
             shape = (h.lower.shape[0], *op.shape)
-            out = (
-                Interval.point(h.lower.reshape(shape))
-                if h.is_point
-                else Interval(h.lower.reshape(shape), h.upper.reshape(shape))
-            )
-            return out, None if err is None else err.reshape(shape)
+            return h.reshape(*shape), None if err is None else err.reshape(shape)
         return self.pool(op, h, err)
 
     def elementwise(
@@ -258,7 +243,7 @@ class _Walker:
         growth = c.abs() if op.op == "mul" else 1.0
         if op.op == "div":
             growth = 1.0 / c.abs() if not op.constant_first else float("inf")
-        return out, err * growth + 4 * UNIT_ROUNDOFF_64 * out.magnitude()
+        return out, mapped_error(err, growth, out.magnitude())
 
     def pool(self, op: Pool, h: Interval, err: Tensor | None) -> tuple[Interval, Tensor | None]:
         out = h.map_monotone(lambda t: pool2d(op, t))
@@ -267,11 +252,18 @@ class _Walker:
         if op.function == "max":
             return out, pool2d(op, err)
         window = op.kernel[0] * op.kernel[1]
-        return out, pool2d(op, err) + _gamma(window + 1) * out.magnitude() * 2
+        return out, pool2d(op, err) + gamma(window + 1) * out.magnitude() * 2
 
 
-def _last_affine_index(graph: Graph) -> int | None:
-    """Index of the final Linear op when only shape ops follow it (then margins can fold)."""
+def last_linear_index(graph: Graph) -> int | None:
+    """Index of the final Linear op when only shape ops follow it (then margins can fold).
+
+    Args:
+        graph: the network.
+
+    Returns:
+        The op index, or None when a non-Reshape op follows the last Linear (or none exists).
+    """
     for i in range(len(graph.ops) - 1, -1, -1):
         op = graph.ops[i]
         if isinstance(op, Linear):
@@ -353,7 +345,7 @@ def margin_bounds(
     Returns:
         MarginBounds with `lower` of shape (batch, n_classes), +inf at the true class.
     """
-    last = _last_affine_index(graph)
+    last = last_linear_index(graph)
     if last is None:
         logits, err = propagate(graph, lower, upper, x, rule=rule, track_rounding=track_rounding)
         ly = logits.lower.gather(1, y[:, None])
@@ -362,31 +354,29 @@ def margin_bounds(
         if err is not None:
             rounding = err.gather(1, y[:, None]) + err
             rounding = rounding + 2 * UNIT_ROUNDOFF_64 * margins.abs()
-        return _mask_true(margins, rounding, y)
+        return mask_true_class(margins, rounding, y)
     h, err = propagate(graph, lower, upper, x, rule=rule, stop=last, track_rounding=track_rounding)
     op = graph.ops[last]
     assert isinstance(op, Linear)
-    h = (
-        Interval.point(h.lower.flatten(1))
-        if h.is_point
-        else Interval(h.lower.flatten(1), h.upper.flatten(1))
-    )
+    h = h.reshape(h.lower.shape[0], math.prod(h.lower.shape[1:]))
     w = parameter_interval(op.weight, graph, lower, upper, h.lower)
     if op.weight_layout == "in_out":
-        w = _transposed(w)
+        w = w.transpose(0, 1)
     w = _scaled(w, None if op.scale is None else op.scale.weight_scale, 0)
     bias_part = _margin_offset(op, graph, lower, upper, y, h.lower)
     n_classes, n_in = w.lower.shape
+    nonnegative: bool | None = None  # h.lower >= 0 everywhere; None: not checked yet
     if rule == "exact" and n_classes * n_classes * n_in <= _PAIR_TABLE_LIMIT:
-        definite = h.is_point or bool((h.lower >= 0).all())
-        if definite:
+        if not h.is_point:
+            nonnegative = bool((h.lower >= 0).all())
+        if h.is_point or nonnegative:
             flat_err = None if err is None else err.flatten(1)
             margins, rounding = _folded_by_class_pairs(h, w, y, flat_err)
             margins = margins + bias_part.lower
             if rounding is not None:
-                mag = _class_pair_product(h.magnitude(), _pair_magnitude(w), y)
-                rounding = rounding + _gamma(4 * n_in + 12) * (mag + bias_part.magnitude())
-            return _mask_true(margins, rounding, y)
+                mag = class_pair_product(h.magnitude(), _pair_magnitude(w), y)
+                rounding = rounding + gamma(4 * n_in + 12) * (mag + bias_part.magnitude())
+            return mask_true_class(margins, rounding, y)
     # D_j = W_y - W_j, as an interval per sample: (batch, n_classes, n_in)
     wy = Interval(w.lower[y], w.upper[y])
     diff = Interval(
@@ -405,25 +395,35 @@ def margin_bounds(
             torch.maximum(al * m.lower, au * m.upper).sum(-1),
         )
 
-    margins = enclose_bilinear(h, diff, product, rule=rule, crossing=crossing).lower
+    margins = enclose_bilinear(
+        h, diff, product, rule=rule, crossing=crossing, nonnegative=nonnegative
+    ).lower
     margins = margins + bias_part.lower
     rounding = None
     if err is not None:
         n = diff.lower.shape[-1]
         d_mag = diff.magnitude()
         mag = product(h.magnitude(), d_mag) + bias_part.magnitude()
-        rounding = _gamma(4 * n + 12) * mag + product(err.flatten(1), d_mag)
-    return _mask_true(margins, rounding, y)
+        rounding = gamma(4 * n + 12) * mag + product(err.flatten(1), d_mag)
+    return mask_true_class(margins, rounding, y)
 
 
 _PAIR_TABLE_LIMIT = 4_000_000  # elements of the (class, class, n_in) table
 
 
-def _class_pair_product(a: Tensor, table: Tensor, y: Tensor) -> Tensor:
+def class_pair_product(a: Tensor, table: Tensor, y: Tensor) -> Tensor:
     """out[b, j] = sum_k a[b, k] * table[y_b, j, k], as one matrix product.
 
     The table has one row per (true class, other class) pair, so the product costs
     batch * C^2 * n_in, with no per-sample (batch, C, n_in) tensor.
+
+    Args:
+        a: shape (batch, n_in).
+        table: shape (n_classes, n_classes, n_in).
+        y: true classes, shape (batch,), int64.
+
+    Returns:
+        Shape (batch, n_classes), in the dtype of the inputs.
     """
     n_classes = table.shape[0]
     flat = a @ table.reshape(n_classes * n_classes, -1).transpose(0, 1)
@@ -451,13 +451,13 @@ def _folded_by_class_pairs(
     if h.is_point:
         pos, neg = torch.clamp(h.lower, min=0), torch.clamp(h.lower, max=0)
         du = dl if w.is_point else w.upper[:, None, :] - w.lower[None, :, :]
-        margins = _class_pair_product(pos, dl, y) + _class_pair_product(neg, du, y)
+        margins = class_pair_product(pos, dl, y) + class_pair_product(neg, du, y)
     else:
-        margins = _class_pair_product(h.lower, torch.clamp(dl, min=0), y)
-        margins = margins + _class_pair_product(h.upper, torch.clamp(dl, max=0), y)
+        margins = class_pair_product(h.lower, torch.clamp(dl, min=0), y)
+        margins = margins + class_pair_product(h.upper, torch.clamp(dl, max=0), y)
     rounding = None
     if err is not None:
-        rounding = _class_pair_product(err, _pair_magnitude(w), y)
+        rounding = class_pair_product(err, _pair_magnitude(w), y)
     return margins, rounding
 
 
@@ -480,7 +480,17 @@ def _margin_offset(
     return Interval(b.lower[y][:, None] - b.upper[None, :], b.upper[y][:, None] - b.lower[None, :])
 
 
-def _mask_true(margins: Tensor, rounding: Tensor | None, y: Tensor) -> MarginBounds:
+def mask_true_class(margins: Tensor, rounding: Tensor | None, y: Tensor) -> MarginBounds:
+    """Set the true class's margin to +inf and its allowance to 0 (z_y - z_y needs no bound).
+
+    Args:
+        margins: margin lower bounds, shape (batch, n_classes); the entries at y are ignored.
+        rounding: their rounding allowances, same shape, or None.
+        y: true classes, shape (batch,), int64.
+
+    Returns:
+        MarginBounds with +inf at [b, y_b] (new tensors; the inputs are left alone).
+    """
     inf = torch.full_like(margins[:, :1], float("inf"))
     margins = margins.scatter(1, y[:, None], inf)
     if rounding is not None:

@@ -84,6 +84,18 @@ class Interval:
             return self.lower.abs()
         return torch.maximum(self.lower.abs(), self.upper.abs())
 
+    def reshape(self, *shape: int) -> Interval:
+        """The same interval with both corners reshaped (a point stays a point)."""
+        if self.is_point:
+            return Interval.point(self.lower.reshape(shape))
+        return Interval(self.lower.reshape(shape), self.upper.reshape(shape))
+
+    def transpose(self, dim0: int, dim1: int) -> Interval:
+        """The same interval with two axes of both corners swapped (a point stays a point)."""
+        if self.is_point:
+            return Interval.point(self.lower.transpose(dim0, dim1))
+        return Interval(self.lower.transpose(dim0, dim1), self.upper.transpose(dim0, dim1))
+
 
 def enclose_bilinear(
     x: Interval,
@@ -92,6 +104,7 @@ def enclose_bilinear(
     *,
     rule: Rule = "exact",
     crossing: Callable[[Interval, Interval], Interval] | None = None,
+    nonnegative: bool | None = None,
 ) -> Interval:
     """Enclose product(x, w) for every x and w in their intervals.
 
@@ -106,6 +119,8 @@ def enclose_bilinear(
         rule: "exact" (per-sign split) or "midrad" (midpoint-radius, looser).
         crossing: exact enclosure for inputs whose intervals cross zero; when None those
             entries use the sound split xu*wl + xl*wu (looser, still sound).
+        nonnegative: whether every entry of x.lower is >= 0, when the caller has already
+            checked it (saves a pass over x); None checks here. A wrong True is unsound.
 
     Returns:
         The enclosure of the output.
@@ -131,7 +146,9 @@ def enclose_bilinear(
     wl_pos, wl_neg = torch.clamp(wl, min=0), torch.clamp(wl, max=0)
     wu_pos, wu_neg = torch.clamp(wu, min=0), torch.clamp(wu, max=0)
     xl, xu = x.lower, x.upper
-    if bool((xl >= 0).all()):
+    if nonnegative is None:
+        nonnegative = bool((xl >= 0).all())
+    if nonnegative:
         lower = product(xl, wl_pos) + product(xu, wl_neg)
         upper = product(xu, wu_pos) + product(xl, wu_neg)
         return Interval(lower, upper)

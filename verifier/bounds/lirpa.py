@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from verifier.bounds.ibp import mask_true_class
+from verifier.bounds.intervals import Interval
 from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
 from verifier.errors import BackendError, DataError, DomainError
 from verifier.graph import (
@@ -255,13 +257,13 @@ def lirpa_margin_bounds(
     others = others.reshape(x.shape[0], n_classes - 1)
     eye = torch.eye(n_classes, dtype=dtype, device=x.device)
     spec = eye[y][:, None, :] - eye[others]  # (batch, n_classes - 1, n_classes)
-    out = torch.full((x.shape[0], n_classes), math.inf, dtype=dtype, device=x.device)
+    margins = torch.zeros((x.shape[0], n_classes), dtype=dtype, device=x.device)
     if n_classes > 1:
-        margins, _ = _bound_spec(
+        bounds, _ = _bound_spec(
             graph, lower, upper, x, spec, method, chunk_size, dtype, upper_too=False
         )
-        out.scatter_(1, others, margins)
-    return out
+        margins = margins.scatter(1, others, bounds)
+    return mask_true_class(margins, None, y).lower
 
 
 def lirpa_logit_bounds(
@@ -394,18 +396,16 @@ def _effective_box(
     Layout change is a transpose; the AffineScale is a per-coordinate affine map, so the
     image of the box is again a box (corners swap where the scale is negative).
     """
-    lo, hi = lo.to(dtype), hi.to(dtype)
+    box = Interval(lo.to(dtype), hi.to(dtype))
     op = slot.op
     if slot.role == "weight":
         if op.weight_layout == "in_out":
-            lo, hi = lo.transpose(0, 1), hi.transpose(0, 1)
+            box = box.transpose(0, 1)
         if op.scale is not None:
-            factor = op.scale.weight_scale.to(lo)[:, None]
-            lo, hi = lo * factor, hi * factor
+            box = box.scale(op.scale.weight_scale.to(box.lower)[:, None])
     elif op.scale is not None:
-        factor, shift = op.scale.bias_scale.to(lo), op.scale.shift.to(lo)
-        lo, hi = lo * factor + shift, hi * factor + shift
-    return torch.minimum(lo, hi).contiguous(), torch.maximum(lo, hi).contiguous()
+        box = box.scale(op.scale.bias_scale.to(box.lower)).shift(op.scale.shift.to(box.lower))
+    return box.lower.contiguous(), box.upper.contiguous()
 
 
 def _centre_radius(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:

@@ -69,20 +69,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, margin_bounds, propagate
+from verifier.bounds.ibp import (
+    MarginBounds,
+    class_pair_product,
+    combine_margin_bounds,
+    last_linear_index,
+    margin_bounds,
+    mask_true_class,
+    propagate,
+)
+from verifier.bounds.rounding import UNIT_ROUNDOFF_64, gamma, mapped_error
 from verifier.domains.zonotope import hull_corners
 from verifier.errors import GraphError
 from verifier.graph import Activation, Conv, Elementwise, Graph, Linear, Pool, Reshape
 
-UNIT_ROUNDOFF_64 = 2.0**-53
 INTERVAL_RATIO = 0.5
 """A unit switches from its affine form to the plain interval [act(l), act(u)] when that
 interval is narrower than this fraction of the hull of the form's output."""
-
-
-def _gamma(n: int) -> float:
-    nu = n * UNIT_ROUNDOFF_64
-    return nu / (1.0 - nu)
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,7 +130,7 @@ class AffineForm:
             return self.centre - spread, self.centre + spread
         k = 0 if self.coefficients is None else self.coefficients.shape[1]
         spread = spread + self.error
-        spread = spread + _gamma(k + 4) * (self.centre.abs() + spread)
+        spread = spread + gamma(k + 4) * (self.centre.abs() + spread)
         return self.centre - spread, self.centre + spread
 
     def reshape(self, shape: tuple[int, ...]) -> AffineForm:
@@ -272,12 +275,17 @@ def _centre_and_coefficients(form: AffineForm, terms: _LinearTerms) -> tuple[Ten
     return centre, coef
 
 
-def _affine(form: AffineForm, terms: _LinearTerms, node: str) -> AffineForm:
-    """Enclose W h + b for every (δ, ε) (see the module docstring); h of shape (batch, n_in)."""
+def _check_flat(form: AffineForm, node: str) -> None:
+    """Raise unless the form has shape (batch, features), the input a Linear layer needs."""
     if form.centre.dim() != 2:
         raise GraphError(
             f"node '{node}': zonotope bounds need a flat (batch, features) input to Linear layers"
         )
+
+
+def _affine(form: AffineForm, terms: _LinearTerms, node: str) -> AffineForm:
+    """Enclose W h + b for every (δ, ε) (see the module docstring); h of shape (batch, n_in)."""
+    _check_flat(form, node)
     c, coef_in, rho = form.centre, form.coefficients, form.radius
     centre, coef = _centre_and_coefficients(form, terms)
     mass_in = form.mass()
@@ -299,7 +307,7 @@ def _affine(form: AffineForm, terms: _LinearTerms, node: str) -> AffineForm:
         if coef_in is not None:
             k = max(k, coef_in.shape[1])
         w_mag = terms.magnitude().transpose(0, 1)
-        error = 2 * _gamma(n_in + k + 8) * (2 * (form.magnitude() @ w_mag) + terms.bias_magnitude())
+        error = 2 * gamma(n_in + k + 8) * (2 * (form.magnitude() @ w_mag) + terms.bias_magnitude())
         error = error + form.error @ w_mag
     return AffineForm(centre, coef, radius, error)
 
@@ -353,18 +361,23 @@ def _activation(
     if proof:
         assert form.error is not None and interval.error is not None
         magnitude = slope * (form.centre.abs() + mass + rho) + offset
-        form_error = slope * form.error + 4 * UNIT_ROUNDOFF_64 * magnitude
+        form_error = mapped_error(form.error, slope, magnitude)
         error = torch.where(use_form, form_error, interval.error)
     return AffineForm(centre, new_coef, radius, error)
 
 
-def _elementwise(op: Elementwise, form: AffineForm) -> AffineForm:
-    """Enclose an Elementwise op with a constant (affine in h, so exact up to rounding)."""
-    c = op.constant.to(form.centre)
+def _check_not_reciprocal(op: Elementwise) -> None:
+    """Raise for constant / x: it is not affine in x, and the forms have no relaxation of it."""
     if op.op == "div" and op.constant_first:
         raise GraphError(
             f"node '{op.node}': zonotope bounds cannot propagate constant / x; use domain: box"
         )
+
+
+def _elementwise(op: Elementwise, form: AffineForm) -> AffineForm:
+    """Enclose an Elementwise op with a constant (affine in h, so exact up to rounding)."""
+    _check_not_reciprocal(op)
+    c = op.constant.to(form.centre)
     coef, radius = form.coefficients, form.radius
     if op.op in ("add", "sub"):
         negate = op.op == "sub" and op.constant_first
@@ -382,16 +395,8 @@ def _elementwise(op: Elementwise, form: AffineForm) -> AffineForm:
     error = None
     if form.error is not None:
         out = AffineForm(centre, coef, radius, None)
-        error = form.error * growth + 4 * UNIT_ROUNDOFF_64 * out.magnitude()
+        error = mapped_error(form.error, growth, out.magnitude())
     return AffineForm(centre, coef, radius, error)
-
-
-def _pair_product(a: Tensor, table: Tensor, y: Tensor) -> Tensor:
-    """out[b, j] = Σ_n a[b, n] table[y_b, j, n], via one matrix product."""
-    n_classes = table.shape[0]
-    flat = a @ table.reshape(n_classes * n_classes, -1).transpose(0, 1)
-    pairs = flat.reshape(a.shape[0], n_classes, n_classes)
-    return pairs[torch.arange(a.shape[0], device=a.device), y]
 
 
 def _pick_true(t: Tensor, y: Tensor) -> Tensor:
@@ -399,24 +404,26 @@ def _pick_true(t: Tensor, y: Tensor) -> Tensor:
     return t.gather(1, y[:, None])
 
 
+def _coefficient_spread(coef: Tensor, y: Tensor) -> Tensor:
+    """Σ_k |A_k,y - A_k,j|, shape (batch, n_classes), for A of shape (batch, k, n_classes)."""
+    true = coef.gather(2, y[:, None, None].expand(-1, coef.shape[1], 1))
+    return (true - coef).abs().sum(dim=1)
+
+
 def _fold_margins(
     form: AffineForm, terms: _LinearTerms, y: Tensor, node: str
 ) -> tuple[Tensor, Tensor | None]:
     """Lower bounds and allowances of z_y - z_j through the last Linear layer."""
-    if form.centre.dim() != 2:
-        raise GraphError(
-            f"node '{node}': zonotope bounds need a flat (batch, features) input to Linear layers"
-        )
+    _check_flat(form, node)
     logit_centre, coef = _centre_and_coefficients(form, terms)
     centre = _pick_true(logit_centre, y) - logit_centre
     spread = torch.zeros_like(centre)
     k = 0
     if coef is not None:
         k = coef.shape[1]
-        true = coef.gather(2, y[:, None, None].expand(-1, k, 1))
-        spread = (true - coef).abs().sum(dim=1)
+        spread = _coefficient_spread(coef, y)
     if form.radius is not None:
-        spread = spread + _pair_product(form.radius, _pair_abs(terms.centre), y)
+        spread = spread + class_pair_product(form.radius, _pair_abs(terms.centre), y)
     h_mag = form.magnitude()
     if terms.radius is not None:
         side = h_mag @ terms.radius.transpose(0, 1)
@@ -425,7 +432,7 @@ def _fold_margins(
     cross_in = _add(form.mass(), form.radius)
     if g_mass is not None and cross_in is not None:
         table = (g_mass[:, :, None, :] - g_mass[:, None, :, :]).abs().sum(dim=0)
-        spread = spread + _pair_product(cross_in, table, y)
+        spread = spread + class_pair_product(cross_in, table, y)
     if terms.bias_radius is not None:
         spread = spread + _pick_true(terms.bias_radius[None].expand_as(centre), y)
         spread = spread + terms.bias_radius
@@ -437,9 +444,9 @@ def _fold_margins(
     w_mag = terms.magnitude().transpose(0, 1)
     per_class = 2 * (h_mag @ w_mag) + terms.bias_magnitude()
     carried = form.error @ w_mag
-    rounding = 2 * _gamma(n_in + k + 12) * (_pick_true(per_class, y) + per_class)
+    rounding = 2 * gamma(n_in + k + 12) * (_pick_true(per_class, y) + per_class)
     rounding = rounding + _pick_true(carried, y) + carried
-    rounding = rounding + _gamma(k + 6) * (centre.abs() + spread)
+    rounding = rounding + gamma(k + 6) * (centre.abs() + spread)
     return lower, rounding
 
 
@@ -456,15 +463,14 @@ def _margins_from_logits(form: AffineForm, y: Tensor) -> tuple[Tensor, Tensor | 
     k = 0
     if form.coefficients is not None:
         k = form.coefficients.shape[1]
-        true = form.coefficients.gather(2, y[:, None, None].expand(-1, k, 1))
-        spread = (true - form.coefficients).abs().sum(dim=1)
+        spread = _coefficient_spread(form.coefficients, y)
     if form.radius is not None:
         spread = spread + _pick_true(form.radius, y) + form.radius
     lower = centre - spread
     if form.error is None:
         return lower, None
     rounding = _pick_true(form.error, y) + form.error
-    return lower, rounding + _gamma(k + 6) * (centre.abs() + spread)
+    return lower, rounding + gamma(k + 6) * (centre.abs() + spread)
 
 
 def check_supported(graph: Graph) -> None:
@@ -480,20 +486,8 @@ def check_supported(graph: Graph) -> None:
                 f"node '{op.node}': zonotope bounds support Linear (Gemm/MatMul) layers only, "
                 f"not {kind}; use domain: box for this model"
             )
-        if isinstance(op, Elementwise) and op.op == "div" and op.constant_first:
-            raise GraphError(
-                f"node '{op.node}': zonotope bounds cannot propagate constant / x; use domain: box"
-            )
-
-
-def _last_linear(graph: Graph) -> int | None:
-    for i in range(len(graph.ops) - 1, -1, -1):
-        op = graph.ops[i]
-        if isinstance(op, Linear):
-            return i
-        if not isinstance(op, Reshape):
-            return None
-    return None
+        if isinstance(op, Elementwise):
+            _check_not_reciprocal(op)
 
 
 def zonotope_margin_bounds(
@@ -542,7 +536,7 @@ def zonotope_margin_bounds(
         )
     params = _Parameters(graph, lower, upper, generators, x, track_rounding)
     form = AffineForm(x, None, None, torch.zeros_like(x) if track_rounding else None)
-    last = _last_linear(graph)
+    last = last_linear_index(graph)
     stop = len(graph.ops) if last is None else last
     for index, op in enumerate(graph.ops[:stop]):
         if isinstance(op, Linear):
@@ -563,7 +557,7 @@ def zonotope_margin_bounds(
         assert isinstance(op, Linear)
         flat = form.reshape((form.centre[0].numel(),)) if form.centre.dim() != 2 else form
         lower_m, rounding = _fold_margins(flat, params.linear(op), y, op.node)
-    bounds = _mask_true(lower_m, rounding, y)
+    bounds = mask_true_class(lower_m, rounding, y)
     if hull is None:
         return bounds
     boxed = margin_bounds(graph, hull[0], hull[1], x, y, track_rounding=track_rounding)
@@ -584,11 +578,3 @@ def _interval_bounds(
         return lo, up
     spread = err + 2 * UNIT_ROUNDOFF_64 * (torch.maximum(lo.abs(), up.abs()) + err)
     return lo - spread, up + spread
-
-
-def _mask_true(margins: Tensor, rounding: Tensor | None, y: Tensor) -> MarginBounds:
-    inf = torch.full_like(margins[:, :1], float("inf"))
-    margins = margins.scatter(1, y[:, None], inf)
-    if rounding is not None:
-        rounding = rounding.scatter(1, y[:, None], torch.zeros_like(inf))
-    return MarginBounds(margins, rounding)
