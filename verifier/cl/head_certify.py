@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verifier.bounds.ibp import UNIT_ROUNDOFF_64, MarginBounds, margin_bounds, propagate
+from verifier.bounds.ibp import MarginBounds, margin_bounds, propagate
+from verifier.bounds.rounding import UNIT_ROUNDOFF_64
 from verifier.cl.heads import head_graph, head_names, head_op
 from verifier.domains.box import Box
 from verifier.errors import InputError

@@ -43,12 +43,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from verifier.bounds.rounding import gamma
 from verifier.domains.box import LOG_WIDTH_FLOOR, Box
 from verifier.errors import DomainError
 
 ZonotopeSizeKind = Literal["mean_width", "mean_log_width", "log_volume", "isotropic_width"]
 
-UNIT_ROUNDOFF_64 = 2.0**-53
 INWARD = 2.0**-16
 """Projected points land in the box part shrunk by this fraction of its half-width, so that a
 later `contains` (which re-solves ε) certifies them despite rounding."""
@@ -57,11 +57,6 @@ WIDTH_FLOOR = 2.0**-20
 magnitude for every projection to be representable in float32 (see `representable`)."""
 NEWTON_ITERATIONS = 200
 NUDGE_STEPS = 40
-
-
-def _gamma(n: int) -> float:
-    nu = n * UNIT_ROUNDOFF_64
-    return nu / (1.0 - nu)
 
 
 def generator_sum(generators: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -98,7 +93,7 @@ def hull_corners(
             continue
         mass = g.abs().sum(dim=0).to(lo)
         if outward:
-            mass = mass * (1.0 + 2.0 * _gamma(g.shape[0] + 2))
+            mass = mass * (1.0 + 2.0 * gamma(g.shape[0] + 2))
             inf = torch.tensor(math.inf, dtype=lo.dtype, device=lo.device)
             hull_lo[name] = torch.nextafter(lo - mass, -inf)
             hull_up[name] = torch.nextafter(up + mass, inf)
@@ -509,7 +504,7 @@ def _residual_inside(point: Tensor, eps: Tensor, flat: _Flat, *, atol: float = 0
         mass = torch.zeros_like(point)
     residual = point - shift
     lo, up = flat.lower - atol, flat.upper + atol
-    slack = 2.0 * _gamma(k + 4) * (point.abs() + mass + lo.abs() + up.abs() + atol)
+    slack = 2.0 * gamma(k + 4) * (point.abs() + mass + lo.abs() + up.abs() + atol)
     inside = (residual >= lo + slack) & (residual <= up - slack)
     outside = (residual < lo - slack) | (residual > up + slack) | torch.isnan(residual)
     undecided = torch.nonzero(~inside & ~outside).flatten().tolist()
