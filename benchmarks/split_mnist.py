@@ -79,7 +79,9 @@ class Settings:
 VARIANT_SCENARIOS: dict[str, tuple[str, ...]] = {"LID 10-way loss": ("class",)}
 
 
-def lid_variants(search_iterations: int, checkpoint_every: int, batch: int) -> dict[str, LidConfig]:
+def lid_variants(
+    search_iterations: int, checkpoint_every: int, batch: int, lr: float = PAPER_SEARCH.lr
+) -> dict[str, LidConfig]:
     """The LID variants reported, all head-only boxes: plain and look-ahead (q = 0.5), with the
     Class-IL training loss over the classes seen so far; and, for Class-IL, plain with the
     10-way training loss of the baselines."""
@@ -88,6 +90,7 @@ def lid_variants(search_iterations: int, checkpoint_every: int, batch: int) -> d
             "iterations": search_iterations,
             "checkpoint_every": checkpoint_every,
             "batch_size": batch,
+            "lr": lr,
         }
     )
     return {
@@ -141,7 +144,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
         seeds=tuple(args.seeds),
         scenarios=scenarios,
         train=TrainConfig(),
-        lid_variants=lid_variants(200, 20, 400),
+        lid_variants=lid_variants(200, 20, 400, args.search_lr),
         baselines=BASELINES,
     )
 
@@ -611,6 +614,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--from-raw", action="store_true", help="re-render --raw, no training")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    parser.add_argument(
+        "--search-lr",
+        type=float,
+        default=PAPER_SEARCH.lr,
+        help="η of the LID searches (primal Adam lr η/p; default the paper's η_p)",
+    )
     parser.add_argument(
         "--merge", action="store_true", help="replace the matching jobs in --raw, keep the rest"
     )
