@@ -431,7 +431,9 @@ def test_spec_accepts_a_zonotope_section_and_names_bad_keys() -> None:
         parse_spec({**raw, "domain": "ellipsoid"}, source=Path("z.yaml"))
 
 
-def test_verifier_lid_writes_a_certified_zonotope(tmp_path: Path) -> None:
+@pytest.mark.parametrize("k", [0, 2])
+def test_verifier_lid_writes_a_certified_zonotope(tmp_path: Path, k: int) -> None:
+    """Also k = 0 (the box continued as a zonotope), whose certificate has no generators."""
     torch.set_num_threads(1)
     spec = tmp_path / "spec.yaml"
     document = {
@@ -439,7 +441,7 @@ def test_verifier_lid_writes_a_certified_zonotope(tmp_path: Path) -> None:
         "data": {"name": "digits", "split": "test"},
         "tasks": [{"name": "digits", "target": 0.5}],
         "domain": "zonotope",
-        "zonotope": {"k": 2},
+        "zonotope": {"k": k},
         "search": {"iterations": 6, "checkpoint_every": 3},
     }
     spec.write_text(yaml.safe_dump(document), encoding="utf-8")
@@ -452,6 +454,8 @@ def test_verifier_lid_writes_a_certified_zonotope(tmp_path: Path) -> None:
     assert lid.domain.contains(graph.parameters)
     certificate = json.loads((out / "certificate.json").read_text(encoding="utf-8"))
     assert certificate["spec"]["domain"] == "zonotope" and certificate["holds"]
+    norms = certificate["lid"]["generator_norms"]
+    assert (norms["total"] == 0.0) == (k == 0)
     recertified = CliRunner().invoke(
         cli, ["certify", str(MODEL), str(out / "lid.safetensors"), "digits", "--json"]
     )

@@ -143,12 +143,12 @@ def generator_norm_summary(zonotope: Zonotope) -> dict[str, float]:
     """min, mean, max and total of the generators' Euclidean norms over all parameters, in
     float64 (all 0 when k = 0)."""
     k = zonotope.n_generators
-    squares = torch.zeros(k, dtype=torch.float64)
-    for g in zonotope.generators.values():
-        squares += g.detach().to("cpu", torch.float64).reshape(k, -1).pow(2).sum(dim=1)
-    norms = squares.sqrt()
     if k == 0:
         return {"min": 0.0, "mean": 0.0, "max": 0.0, "total": 0.0}
+    squares = torch.zeros(k, dtype=torch.float64)
+    for g in zonotope.generators.values():
+        squares += g.detach().to("cpu", torch.float64).flatten(start_dim=1).pow(2).sum(dim=1)
+    norms = squares.sqrt()
     return {
         "min": float(norms.min()),
         "mean": float(norms.mean()),
