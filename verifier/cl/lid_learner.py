@@ -6,8 +6,14 @@ prediction; LID_t lies inside LID_{t-1} (the previous LID is the search's outer 
 earlier spec still holds everywhere in LID_t. Task t+1 is then trained with the weights
 projected onto LID_t (a clamp) after every optimiser step.
 
-Data: the search sees only the task's *training* split (its optimisation part); the task's
-MNIST *test* split is held out and certifies the LID (Clopper-Pearson, float64 IBP proofs).
+The network is the Split-MNIST CNN or a `LinearHead` on frozen-encoder features
+(Split-CIFAR-10); for the latter the whole network is the head.
+
+Data: by default (``search_data="train"``) the search sees only the task's *training* split
+(its optimisation part); the task's *test* split is held out and certifies the LID
+(Clopper-Pearson, float64 IBP proofs). With ``search_data="test"`` the test split is divided
+(seeded) into an optimisation part for the search and τ and a certification part that
+neither training nor the search sees (`held_out_view`).
 `certified[t, j]` is the held-out lower bound for task j of LID_t (j <= t); because the final
 weights lie in every LID_t, each entry of the last row bounds the final network's accuracy
 on task j, with probability >= 1 - β each.
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -48,7 +54,7 @@ from verifier.cl.heads import (
     restrict_box,
     restrict_graph,
 )
-from verifier.cl.network import SplitMnistCNN, cnn_graph
+from verifier.cl.network import ContinualNetwork, network_graph
 from verifier.cl.scenarios import SplitTask, masked_logits
 from verifier.cl.training import (
     FirstTask,
@@ -62,7 +68,7 @@ from verifier.cl.training import (
     train_task,
 )
 from verifier.domains.box import Box
-from verifier.errors import SoundnessError
+from verifier.errors import InputError, SoundnessError
 from verifier.graph import Graph
 from verifier.search import (
     SearchResult,
@@ -83,7 +89,11 @@ class LidConfig:
     Attributes:
         tolerance: τ_t = clean accuracy on the optimisation part - tolerance (paper: 0.12).
         search: search settings (paper: 200 iterations, batch 400, checkpoint every 20,
-            η_p = 0.33; the other settings are `SearchSection`'s defaults).
+            η_p = 0.33; the other settings are `SearchSection`'s defaults). Its
+            `target_slack` sets the search's target: "auto" (the rate whose Clopper-Pearson
+            bound on the certification samples would just meet τ) or τ + a fixed slack (a box
+            tuned to just meet the rate on the search's data certifies a little less on fresh
+            samples, so a larger slack makes certificates that meet τ more likely).
         boxed: "head" (final Linear only, convolutions frozen after task 1) or "all".
         lookahead: q, fraction of boxed entries frozen by next-task importance (0: off).
         n_lookahead: next-task training samples for the Fisher importance.
@@ -96,6 +106,16 @@ class LidConfig:
             seen so far (van de Ven et al.'s "active classes"); prediction, τ and the
             certificates stay 10-way. Unseen classes' logits are then not pushed down while
             earlier tasks train, which leaves the nested boxes room for later classes.
+        search_data: where the search's data (and τ's clean accuracy) come from: "train",
+            the task's training split (the certificate then uses the whole test split), or
+            "test", a seeded part of the task's test split (`1 - certification_fraction` of
+            it; the certificate uses the rest, which neither training nor the search sees).
+            "test" sets τ from held-out accuracy, as the paper does, so a head that fits its
+            training data better than it generalises does not get a τ its test data cannot meet.
+        certification_fraction: with search_data="test", the part of each task's test split
+            kept for the certificate.
+        split_seed: with search_data="test", the seed of the split (task index added); the
+            split is drawn from its own generator, so the training batches do not change.
     """
 
     tolerance: float = 0.12
@@ -108,6 +128,9 @@ class LidConfig:
     free_radius: float = 1e3
     certify_every_row: bool = True
     active_classes: bool = False
+    search_data: Literal["train", "test"] = "train"
+    certification_fraction: float = 0.5
+    split_seed: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,7 +187,7 @@ def _pins_all_but_head(box: Box, head: Sequence[str]) -> bool:
 
 
 def train_projected(
-    model: SplitMnistCNN,
+    model: ContinualNetwork,
     task: SplitTask,
     box: Box | None,
     config: TrainConfig,
@@ -354,7 +377,7 @@ def certify_lid(
 
 
 def build_lid(
-    model: SplitMnistCNN,
+    model: ContinualNetwork,
     task: SplitTask,
     next_task: SplitTask | None,
     outer: Box | None,
@@ -380,7 +403,7 @@ def build_lid(
         SoundnessError: LID_t is not inside `outer` (a bug).
     """
     started = time.perf_counter()
-    graph = cnn_graph(model)
+    graph = network_graph(model)
     sub = restrict_graph(graph, task.rows)
     head_only = config.boxed == "head"
     names = head_names(graph) if head_only else list(graph.parameters)
@@ -398,7 +421,12 @@ def build_lid(
         clean = float((search_graph(inputs).argmax(1) == y_opt).double().mean())
     target = clean - config.tolerance
     n_cert = task.x_test.shape[0]
-    search_target = min(required_rate(target, n_cert, config.beta, "clopper-pearson"), clean)
+    slack = config.search.target_slack
+    if slack == "auto":  # the rate whose held-out bound would just meet τ
+        search_target = required_rate(target, n_cert, config.beta, "clopper-pearson")
+    else:  # a fixed margin above τ, as in `verifier.pipeline`
+        search_target = target + float(slack)
+    search_target = min(search_target, clean)
     perm = torch.randperm(n_opt, generator=generator)
     n_val = int(config.search.validation_fraction * n_opt)
     val, grad = perm[:n_val], perm[n_val:]
@@ -448,8 +476,34 @@ def build_lid(
     )
 
 
+def held_out_view(task: SplitTask, certification_fraction: float, seed: int) -> SplitTask:
+    """The task as the LID search and certificate see it with `search_data="test"`: a seeded
+    split of its test split into an optimisation part (as `x_train`) and a certification
+    part (as `x_test`), disjoint.
+
+    Raises:
+        InputError: the fraction leaves either part empty.
+    """
+    n = task.x_test.shape[0]
+    n_cert = int(round(certification_fraction * n))
+    if not 0 < n_cert < n:
+        raise InputError(
+            f"task {task.name}: certification_fraction {certification_fraction} of {n} test "
+            "samples leaves the optimisation or the certification part empty"
+        )
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + task.index))
+    cert, opt = perm[:n_cert], perm[n_cert:]
+    return replace(
+        task,
+        x_train=task.x_test[opt],
+        y_train=task.y_test[opt],
+        x_test=task.x_test[cert],
+        y_test=task.y_test[cert],
+    )
+
+
 def run_lid_sequence(
-    model: SplitMnistCNN,
+    model: ContinualNetwork,
     tasks: Sequence[SplitTask],
     train_config: TrainConfig,
     config: LidConfig,
@@ -479,6 +533,11 @@ def run_lid_sequence(
     certified = torch.full((n, n), float("nan"), dtype=torch.float64)
     outer: Box | None = None
     cache: dict[int, HeadInputs] = {}
+    views = (
+        list(tasks)
+        if config.search_data == "train"
+        else [held_out_view(t, config.certification_fraction, config.split_seed) for t in tasks]
+    )
     for t, task in enumerate(tasks):
         if t == 0 and first is not None:
             resume_first_task(model, first, generator)
@@ -489,13 +548,13 @@ def run_lid_sequence(
             raise SoundnessError(f"weights left LID_{t} during projected training")
         rows.append(accuracy_row(model, tasks))
         next_task = tasks[t + 1] if t + 1 < n else None
-        stage = build_lid(model, task, next_task, outer, config, generator)
-        graph = cnn_graph(model)
+        stage = build_lid(model, views[t], next_task, outer, config, generator)
+        graph = network_graph(model)
         todo = range(t + 1) if config.certify_every_row or t == n - 1 else [t]
         for j in todo:
             target = stages[j].target if j < t else stage.target
             cert = certify_lid(
-                graph, stage.box, tasks[j], beta=config.beta, target=target, cache=cache
+                graph, stage.box, views[j], beta=config.beta, target=target, cache=cache
             )
             stage.certificates[j] = cert
             certified[t, j] = cert.lower_bound

@@ -1,9 +1,10 @@
-"""Split-MNIST task sequences in the three continual-learning scenarios.
+"""Split-MNIST / Split-CIFAR-10 task sequences in the three continual-learning scenarios.
 
-The ten digits are split into five pairs, drawn per seed. Every scenario is expressed the same
-way: a task names the output rows that compete for its prediction (`rows`) and labels each
-sample by its position among those rows, so training, evaluation and certification all work on
-the *masked* logits `logits[:, rows]`:
+The ten classes (MNIST digits, CIFAR-10 classes; `split_pairs` takes any 10-class samples,
+images or frozen-encoder features) are split into five pairs, drawn per seed. Every scenario
+is expressed the same way: a task names the output rows that compete for its prediction
+(`rows`) and labels each sample by its position among those rows, so training, evaluation and
+certification all work on the *masked* logits `logits[:, rows]`:
 
 * ``task`` (Task-IL, multi-head): rows = the task's two digits; only those two logits compete.
 * ``domain`` (Domain-IL): rows = (0, 1), one shared two-way head (the first two logits of the
@@ -41,9 +42,9 @@ class SplitTask:
         index: position in the sequence (0-based).
         digits: the two digits of the task, ascending.
         rows: the output rows whose logits compete for this task's prediction.
-        x_train: training images, shape (n, 1, 28, 28), float32.
+        x_train: training samples, shape (n, *input_shape), float32 (MNIST: (1, 28, 28)).
         y_train: labels as positions in `rows`, shape (n,), int64.
-        x_test: test images (the held-out part), shape (m, 1, 28, 28).
+        x_test: test samples (the held-out part), shape (m, *input_shape).
         y_test: labels as positions in `rows`, shape (m,).
     """
 
@@ -117,11 +118,28 @@ def split_mnist(
 ) -> list[SplitTask]:
     """Build the task sequence of one scenario from MNIST train and test arrays.
 
+    The same as `split_pairs` (kept under this name for the Split-MNIST code).
+    """
+    return split_pairs(scenario, pairs, train, test, train_limit=train_limit, test_limit=test_limit)
+
+
+def split_pairs(
+    scenario: Scenario,
+    pairs: Sequence[tuple[int, int]],
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    *,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+) -> list[SplitTask]:
+    """Build the task sequence of one scenario from the train and test arrays of any
+    10-class data set (MNIST images, CIFAR-10 images or their frozen-encoder features).
+
     Args:
         scenario: "task", "domain" or "class".
-        pairs: the digit pairs, in task order (see `draw_pairs`).
-        train: (x, y) of the MNIST train split; y holds digits.
-        test: (x, y) of the MNIST test split.
+        pairs: the class pairs, in task order (see `draw_pairs`).
+        train: (x, y) of the train split (x: (n, *input_shape)); y holds classes 0-9.
+        test: (x, y) of the test split.
         train_limit: keep at most this many training samples per task (quick runs).
         test_limit: keep at most this many test samples per task (quick runs).
 
