@@ -45,6 +45,7 @@ from verifier.cl.training import (
     train_first_task,
 )
 from verifier.data import load_dataset
+from verifier.spec import SearchSection
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_LID = {"task": (0.98, 0.92), "domain": (0.68, 0.61), "class": (0.29, 0.24)}
@@ -75,12 +76,27 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+TARGET_SLACK = 0.08
+"""The searches aim at τ + 0.08 on the training split: with "auto" (the rate whose held-out
+Clopper-Pearson bound would just meet τ) the boxes fit the training data, on which the network
+is more accurate than on the test split, and some held-out certificates fell below τ."""
+
+
+def slack_value(text: str) -> float | str:
+    """--target-slack: "auto" or a number."""
+    return text if text == "auto" else float(text)
+
+
 # variants that only make sense in some scenarios (active classes exist in Class-IL only)
 VARIANT_SCENARIOS: dict[str, tuple[str, ...]] = {"LID 10-way loss": ("class",)}
 
 
 def lid_variants(
-    search_iterations: int, checkpoint_every: int, batch: int, lr: float = PAPER_SEARCH.lr
+    search_iterations: int,
+    checkpoint_every: int,
+    batch: int,
+    lr: float = PAPER_SEARCH.lr,
+    target_slack: float | str = TARGET_SLACK,
 ) -> dict[str, LidConfig]:
     """The LID variants reported, all head-only boxes: plain and look-ahead (q = 0.5), with the
     Class-IL training loss over the classes seen so far; and, for Class-IL, plain with the
@@ -91,6 +107,7 @@ def lid_variants(
             "checkpoint_every": checkpoint_every,
             "batch_size": batch,
             "lr": lr,
+            "target_slack": target_slack,
         }
     )
     return {
@@ -98,6 +115,12 @@ def lid_variants(
         "LID+look-ahead": LidConfig(search=search, lookahead=0.5, active_classes=True),
         "LID 10-way loss": LidConfig(search=search),
     }
+
+
+def _search_of(settings: Settings) -> SearchSection:
+    """The search settings the LID variants share (the defaults when none runs)."""
+    configs = list(settings.lid_variants.values())
+    return configs[0].search if configs else PAPER_SEARCH
 
 
 def applies(settings: Settings, method: str, scenario: str) -> bool:
@@ -144,7 +167,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
         seeds=tuple(args.seeds),
         scenarios=scenarios,
         train=TrainConfig(),
-        lid_variants=lid_variants(200, 20, 400, args.search_lr),
+        lid_variants=lid_variants(200, 20, 400, args.search_lr, args.target_slack),
         baselines=BASELINES,
     )
 
@@ -415,7 +438,8 @@ def markdown(
         "The paper's LID row is its best LID result; its look-ahead trick is reported there for "
         "Class-IL task 2 only (0.20 -> 0.73). Our LIDs box the final Linear only (the "
         "convolutions are pinned after task 1; a full-network box costs ~50x more search time "
-        "on a CPU); τ = accuracy on the task's train split - 0.12; search η_p = 0.33. "
+        "on a CPU); τ = accuracy on the task's train split - 0.12; search η_p = "
+        f"{_search_of(settings).lr:g}, target τ + {_search_of(settings).target_slack}. "
         "`LID` / `LID+look-ahead` train Class-IL tasks with the loss over the classes seen so "
         "far (prediction and certificates stay 10-way); `LID 10-way loss` uses the baselines' "
         "10-way loss. Look-ahead freezes the half of the boxed entries least important (Fisher) "
@@ -614,6 +638,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--from-raw", action="store_true", help="re-render --raw, no training")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    parser.add_argument(
+        "--target-slack",
+        type=slack_value,
+        default=TARGET_SLACK,
+        help="search target τ + slack for the LIDs ('auto' or a number; default 0.08)",
+    )
     parser.add_argument(
         "--search-lr",
         type=float,
