@@ -68,6 +68,7 @@ from verifier.cl.head_finetune import (
 )
 from verifier.data.embeddings import Encoder, embed_source, load_encoder, load_source, read_cache
 from verifier.domains.box import Box
+from verifier.domains.io import write_text_atomic
 from verifier.errors import InputError
 from verifier.graph import Graph
 from verifier.pipeline import LidRun, prepare_task, run_lid
@@ -551,16 +552,7 @@ def write_section(path: Path, name: str, text: str) -> None:
         new = head + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         new = (old.rstrip("\n") + "\n\n" if old else "") + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(new)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, new)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

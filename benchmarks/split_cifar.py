@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -55,7 +54,7 @@ import torch
 
 from verifier.cl.baselines import EWC, FineTune, Joint
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, run_lid_sequence
-from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
+from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import LinearHead
 from verifier.cl.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario, draw_pairs, split_pairs
 from verifier.cl.training import FirstTask, Strategy, TrainConfig, run_sequence, train_first_task
@@ -69,6 +68,12 @@ from verifier.data.embeddings import (
     load_source,
     read_cache,
 )
+from verifier.domains.io import write_text_atomic
+
+try:  # run as a script: its folder, benchmarks/, is first on sys.path
+    import cl_report
+except ModuleNotFoundError:  # loaded from its file (the tests): the project root is on sys.path
+    from benchmarks import cl_report
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = "efficientnet-lite0"
@@ -95,6 +100,15 @@ PAPER_LID: dict[str, tuple[float, float | None]] = {
 EWC_STRENGTH: dict[str, float] = {"task": 100.0, "domain": 100.0, "class": 10.0}
 BASELINES = ("fine-tune", "EWC", "joint")
 EWC_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+PLOT_STYLE = cl_report.PlotStyle(
+    "Split-CIFAR-10",
+    "split_cifar",
+    PAPER_LID,
+    columns=3,
+    fit_columns=True,
+    wrap_title=True,
+    subtitle=" (EfficientNet-Lite0 features)",
+)
 
 
 # ---- features -------------------------------------------------------------------------
@@ -283,7 +297,7 @@ def embed_main(argv: Sequence[str]) -> int:
                 "load_average": os.getloadavg(),
             }
             old = json.loads(args.record.read_text("utf-8")) if args.record.is_file() else []
-            write_atomic(args.record, json.dumps([*old, record], indent=1) + "\n")
+            write_text_atomic(args.record, json.dumps([*old, record], indent=1) + "\n")
     return 0
 
 
@@ -455,28 +469,7 @@ def method_job(
     if method in settings.lid_variants:
         config = settings.lid_variants[method]
         run = run_lid_sequence(model, tasks, settings.train, config, generator, first=first)
-        out["matrix"] = run.matrix.tolist()
-        out["certified"] = [
-            [None if math.isnan(v) else v for v in r] for r in run.certified.tolist()
-        ]
-        out["stages"] = [
-            {
-                "task": s.task,
-                "clean": s.clean,
-                "target": s.target,
-                "search_target": s.search_target,
-                "chosen": s.chosen,
-                "feasible": s.feasible,
-                "optimisation_metric": s.optimisation_metric,
-                "mean_width": s.mean_width,
-                "n_frozen": s.n_frozen,
-                "n_boxed": s.n_boxed,
-                "search_seconds": s.seconds,
-                "holds": {str(j): c.holds for j, c in s.certificates.items()},
-                "certified_counts": {str(j): [c.k, c.n] for j, c in s.certificates.items()},
-            }
-            for s in run.stages
-        ]
+        out.update(cl_report.lid_record(run, counts=True))
     else:
         strategy = make_strategy(settings, method, scenario)
         matrix = run_sequence(model, strategy, tasks, settings.train, generator, first=first)
@@ -569,61 +562,6 @@ def sweep_ewc(
     return out
 
 
-def _summaries(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r["scenario"], r["method"]), []).append(r)
-    out = {}
-    for key, runs in groups.items():
-        mats = [torch.tensor(r["matrix"], dtype=torch.float64) for r in runs]
-        avgs = [average_accuracy(m) for m in mats]
-        summary: dict[str, Any] = {
-            "n": len(runs),
-            "final": mean_std([float(a[-1]) for a in avgs]),
-            "curve": [mean_std([float(a[t]) for a in avgs]) for t in range(len(avgs[0]))],
-            "forgetting": mean_std([forgetting(m) for m in mats]),
-            "bwt": mean_std([backward_transfer(m) for m in mats]),
-            "matrix": torch.stack(mats).mean(0),
-            "seconds": sum(r["seconds"] for r in runs),
-        }
-        if "certified" in runs[0]:
-            certs = [
-                torch.tensor(
-                    [[math.nan if v is None else v for v in row] for row in r["certified"]],
-                    dtype=torch.float64,
-                )
-                for r in runs
-            ]
-            n = len(certs[0])
-            summary["certified_final"] = mean_std([float(c[-1].mean()) for c in certs])
-            summary["certified_diag"] = mean_std([float(c.diagonal().mean()) for c in certs])
-            summary["certified_curve"] = [
-                mean_std([float(c[t, : t + 1].mean()) for c in certs]) for t in range(n)
-            ]
-            summary["certified_last_row"] = [
-                mean_std([float(c[-1, j]) for c in certs]) for j in range(n)
-            ]
-            summary["holds"] = sum(all(all(s["holds"].values()) for s in r["stages"]) for r in runs)
-            summary["certificates_holding"] = (
-                sum(v for r in runs for s in r["stages"] for v in s["holds"].values()),
-                sum(len(s["holds"]) for r in runs for s in r["stages"]),
-            )
-            summary["targets"] = [
-                mean_std([r["stages"][t]["target"] for r in runs]) for t in range(n)
-            ]
-            summary["widths"] = [
-                mean_std([r["stages"][t]["mean_width"] for r in runs]) for t in range(n)
-            ]
-            summary["frozen"] = [
-                sum(r["stages"][t]["n_frozen"] / r["stages"][t]["n_boxed"] for r in runs)
-                / len(runs)
-                for t in range(n)
-            ]
-            summary["search_seconds"] = sum(s["search_seconds"] for r in runs for s in r["stages"])
-        out[key] = summary
-    return out
-
-
 def _data_text(saved: dict[str, Any]) -> str:
     """What the LID search and the certificate saw, in words."""
     if saved.get("search_data", "train") == "test":
@@ -648,7 +586,7 @@ def _slack_text(saved: dict[str, Any]) -> str:
 
 def _compare_section(other: dict[str, Any], settings: Settings) -> list[str]:
     """Final average accuracy and certificate counts of a run with other LID settings."""
-    summaries = _summaries(other["results"])
+    summaries = cl_report.summarise(other["results"])
     scenarios = [s for s in SCENARIOS if s in settings.scenarios]
     data = other.get("search_data", "train")
     why = (
@@ -729,7 +667,7 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
     results = saved["results"]
     wall_s, workers = saved["wall_s"], saved["workers"]
     cpu_s = saved["first_cpu_s"] + sum(r["cpu_seconds"] for r in results)
-    summaries = _summaries(results)
+    summaries = cl_report.summarise(results)
     methods = [*settings.lid_variants, *settings.baselines]
     scenarios = [s for s in SCENARIOS if s in settings.scenarios]
     first = results[0]
@@ -741,6 +679,10 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         else ""
     )
     command = saved.get("command", "")
+
+    def paper(method: str, scenario: str, measured: bool) -> str:
+        return _paper(method, scenario, list(settings.lid_variants)) if measured else "–"
+
     lines = [
         "## Split-CIFAR-10 continual learning on frozen EfficientNet-Lite0 features (issue 11)",
         "",
@@ -753,25 +695,7 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         f"all jobs {cpu_s / 60:.1f} core-min. Feature extraction is not included (see below). "
         f"Command: `.venv/bin/python benchmarks/split_cifar.py{' ' if command else ''}{command}`.",
         "",
-        "### Final average accuracy (LID: held-out certified lower bound in brackets)",
-        "",
-        "| method | " + " | ".join(f"{SCENARIO_NAMES[s]} | paper" for s in scenarios) + " |",
-        "|---|" + "---|---|" * len(scenarios),
-    ]
-    for method in methods:
-        cells = []
-        for s in scenarios:
-            summary = summaries.get((s, method))
-            paper = _paper(method, s, list(settings.lid_variants))
-            if summary is None:
-                cells += ["–", "–"]
-                continue
-            cell = summary["final"].format()
-            if "certified_final" in summary:
-                cell += f" ({summary['certified_final'].format()})"
-            cells += [cell, paper]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
+        *cl_report.final_accuracy_table(summaries, methods, scenarios, paper),
         "",
         "Paper: its best Split-CIFAR-10 LID result (final average accuracy, certified in "
         "brackets; Task-IL given as ≈ 0.82 without a certified value), with another frozen "
@@ -798,42 +722,9 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         "EWC's soft penalty trades some of task 1 for them. In Class-IL the nested LIDs keep "
         "tasks 1-2 (fine-tuning and EWC forget them) but leave no room for new classes.",
         "",
-        "### Forgetting and backward transfer (lower forgetting / higher BWT is better)",
-        "",
-        "| method | "
-        + " | ".join(f"{SCENARIO_NAMES[s]} forgetting | BWT" for s in scenarios)
-        + " |",
-        "|---|" + "---|---|" * len(scenarios),
+        *cl_report.forgetting_table(summaries, methods, scenarios),
+        *cl_report.curve_tables(summaries, methods, scenarios, settings.n_tasks),
     ]
-    for method in methods:
-        cells = []
-        for s in scenarios:
-            summary = summaries.get((s, method))
-            cells += (
-                ["–", "–"]
-                if summary is None
-                else [summary["forgetting"].format(), summary["bwt"].format()]
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    for s in scenarios:
-        lines += [
-            "",
-            f"### {SCENARIO_NAMES[s]}: average accuracy after each task",
-            "",
-            "| method | " + " | ".join(f"after t{t + 1}" for t in range(settings.n_tasks)) + " |",
-            "|---|" + "---|" * settings.n_tasks,
-        ]
-        for method in methods:
-            summary = summaries.get((s, method))
-            if summary is None:
-                continue
-            lines.append(f"| {method} | " + " | ".join(v.format() for v in summary["curve"]) + " |")
-            if "certified_curve" in summary:
-                lines.append(
-                    f"| {method} certified | "
-                    + " | ".join(v.format() for v in summary["certified_curve"])
-                    + " |"
-                )
     for s in scenarios:
         lines += [
             "",
@@ -869,37 +760,14 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         "tasks whose classes the earlier LIDs leave no room to learn: clean accuracy below "
         "0.12) is met by any network, so such certificates hold trivially.",
         "",
-        "| scenario | variant | τ per task | certified, last row per task | mean last row "
-        "| mean diagonal | runs whose every certificate meets τ | certificates meeting τ "
-        "| mean box width per task "
-        "| frozen fraction | search + certify s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *cl_report.lid_details_table(
+            summaries,
+            scenarios,
+            list(settings.lid_variants),
+            list(cl_report.LID_COLUMNS),  # every column
+        ),
+        *cl_report.compute_table(summaries, methods, scenarios, clock="job wall seconds"),
     ]
-    for s in scenarios:
-        for method in settings.lid_variants:
-            summary = summaries.get((s, method))
-            if summary is None:
-                continue
-            lines.append(
-                f"| {SCENARIO_NAMES[s]} | {method} | "
-                + ", ".join(f"{v.mean:.2f}" for v in summary["targets"])
-                + " | "
-                + ", ".join(v.format() for v in summary["certified_last_row"])
-                + f" | {summary['certified_final'].format()} | {summary['certified_diag'].format()}"
-                + f" | {summary['holds']}/{summary['n']}"
-                + " | {}/{} | ".format(*summary["certificates_holding"])
-                + ", ".join(f"{v.mean:.3g}" for v in summary["widths"])
-                + " | "
-                + ", ".join(f"{v:.2f}" for v in summary["frozen"])
-                + f" | {summary['search_seconds']:.0f} |"
-            )
-    lines += ["", "### Compute (job wall seconds, summed over seeds; first task excluded)", ""]
-    lines += ["| scenario | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for s in scenarios:
-        cells = [
-            f"{summaries[(s, m)]['seconds']:.0f}" if (s, m) in summaries else "–" for m in methods
-        ]
-        lines.append(f"| {SCENARIO_NAMES[s]} | " + " | ".join(cells) + " |")
     embedding = saved.get("embedding", [])
     if embedding:
         lines += [
@@ -915,120 +783,6 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
                 f"{e['threads']} | {', '.join(f'{v:.1f}' for v in e.get('load_average', []))} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def plot(results: list[dict[str, Any]], settings: Settings, folder: Path) -> list[Path]:
-    """Accuracy-matrix heatmaps and average-accuracy curves, one pair of PNGs per scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summaries = _summaries(results)
-    methods = [*settings.lid_variants, *settings.baselines]
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    n = settings.n_tasks
-    for s in settings.scenarios:
-        present = [m for m in methods if (s, m) in summaries]
-        cols = min(3, len(present))
-        rows = math.ceil(len(present) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-        for ax, method in zip(axes.flat, present, strict=False):
-            matrix = summaries[(s, method)]["matrix"].clone()
-            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-            matrix[mask] = float("nan")
-            ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
-            for t in range(n):
-                for j in range(t + 1):
-                    value = float(matrix[t, j])
-                    ax.text(
-                        j,
-                        t,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if value < 0.6 else "black",
-                    )
-            ax.set_title(method, fontsize=9)
-            ax.set_xticks(range(n), [f"t{j + 1}" for j in range(n)], fontsize=7)
-            ax.set_yticks(range(n), [f"after t{t + 1}" for t in range(n)], fontsize=7)
-        for ax in list(axes.flat)[len(present) :]:
-            ax.axis("off")
-        fig.suptitle(
-            f"Split-CIFAR-10 {SCENARIO_NAMES[s]}: test accuracy on task j (column) after\n"
-            f"training task t (row), mean of {len(settings.seeds)} seed(s)",
-            fontsize=10,
-        )
-        fig.tight_layout()
-        path = folder / f"split_cifar_{s}_matrix.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-        fig, ax = plt.subplots(figsize=(8.4, 4.4))
-        steps = list(range(1, n + 1))
-        for method in present:
-            summary = summaries[(s, method)]
-            mean = [v.mean for v in summary["curve"]]
-            std = [v.std for v in summary["curve"]]
-            (line,) = ax.plot(steps, mean, marker="o", label=method)
-            ax.fill_between(
-                steps,
-                [m - d for m, d in zip(mean, std, strict=True)],
-                [m + d for m, d in zip(mean, std, strict=True)],
-                color=line.get_color(),
-                alpha=0.15,
-            )
-            if "certified_curve" in summary:
-                ax.plot(
-                    steps,
-                    [v.mean for v in summary["certified_curve"]],
-                    linestyle="--",
-                    marker="x",
-                    color=line.get_color(),
-                    label=f"{method} certified",
-                )
-        paper_acc, paper_cert = PAPER_LID[s]
-        ax.scatter([n], [paper_acc], marker="*", s=120, color="black", label="paper LID", zorder=5)
-        if paper_cert is not None:
-            ax.scatter(
-                [n],
-                [paper_cert],
-                marker="*",
-                s=120,
-                color="grey",
-                label="paper LID certified",
-                zorder=5,
-            )
-        ax.set_xlabel("tasks trained")
-        ax.set_ylabel("average accuracy over tasks seen")
-        ax.set_ylim(0, 1.02)
-        ax.set_xticks(steps)
-        ax.set_title(f"Split-CIFAR-10 {SCENARIO_NAMES[s]} (EfficientNet-Lite0 features)")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = folder / f"split_cifar_{s}_average.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def head_onnx(weight: np.ndarray, bias: np.ndarray) -> Any:
@@ -1170,17 +924,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = settings_for(args)
-    if args.methods:
-        settings = replace(
-            settings,
-            lid_variants={k: v for k, v in settings.lid_variants.items() if k in args.methods},
-            baselines=tuple(m for m in settings.baselines if m in args.methods),
-        )
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
+    settings = cl_report.keep_methods(settings_for(args), args.methods)
+    log = cl_report.log
     if args.from_raw:
         saved = json.loads(args.raw.read_text(encoding="utf-8"))
     else:
@@ -1207,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved["target_slack"] = args.target_slack
         if args.embedding_record.is_file() and not settings.synthetic:
             saved["embedding"] = json.loads(args.embedding_record.read_text(encoding="utf-8"))
-        write_atomic(args.raw, json.dumps(saved) + "\n")
+        write_text_atomic(args.raw, json.dumps(saved) + "\n")
     if not settings.synthetic:
         saved["compare"] = [
             {**json.loads(path.read_text(encoding="utf-8")), "raw_name": _shown(path)}
@@ -1216,8 +961,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
     text = markdown(saved, settings)
     print(text)
-    write_atomic(args.out, text)
-    for path in plot(saved["results"], settings, args.plots):
+    write_text_atomic(args.out, text)
+    for path in cl_report.plot(saved["results"], settings, args.plots, PLOT_STYLE):
         log(f"wrote {path}")
     return 0
 

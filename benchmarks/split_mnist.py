@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -34,9 +33,9 @@ import torch
 
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, run_lid_sequence
-from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
+from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
-from verifier.cl.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario, draw_pairs, split_mnist
+from verifier.cl.scenarios import SCENARIOS, Scenario, draw_pairs, split_mnist
 from verifier.cl.training import (
     FirstTask,
     Strategy,
@@ -46,6 +45,11 @@ from verifier.cl.training import (
 )
 from verifier.data import load_dataset
 from verifier.spec import SearchSection
+
+try:  # run as a script: its folder, benchmarks/, is first on sys.path
+    import cl_report
+except ModuleNotFoundError:  # loaded from its file (the tests): the project root is on sys.path
+    from benchmarks import cl_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_LID = {"task": (0.98, 0.92), "domain": (0.68, 0.61), "class": (0.29, 0.24)}
@@ -58,6 +62,7 @@ PAPER_BASELINES = {
 EWC_STRENGTH: dict[str, float] = {"task": 1e4, "domain": 1e4, "class": 1e4}
 SI_STRENGTH: dict[str, float] = {"task": 1.0, "domain": 1.0, "class": 1.0}
 BASELINES = ("fine-tune", "EWC", "SI", "LwF", "A-GEM", "joint")
+PLOT_STYLE = cl_report.PlotStyle("Split-MNIST", "split_mnist", PAPER_LID, columns=4)
 
 
 @dataclass(frozen=True)
@@ -241,27 +246,7 @@ def method_job(
     if method in settings.lid_variants:
         config = settings.lid_variants[method]
         run = run_lid_sequence(model, tasks, settings.train, config, generator, first=first)
-        out["matrix"] = run.matrix.tolist()
-        out["certified"] = [
-            [None if math.isnan(v) else v for v in r] for r in run.certified.tolist()
-        ]
-        out["stages"] = [
-            {
-                "task": s.task,
-                "clean": s.clean,
-                "target": s.target,
-                "search_target": s.search_target,
-                "chosen": s.chosen,
-                "feasible": s.feasible,
-                "optimisation_metric": s.optimisation_metric,
-                "mean_width": s.mean_width,
-                "n_frozen": s.n_frozen,
-                "n_boxed": s.n_boxed,
-                "search_seconds": s.seconds,
-                "holds": {str(j): c.holds for j, c in s.certificates.items()},
-            }
-            for s in run.stages
-        ]
+        out.update(cl_report.lid_record(run))
     else:
         strategy = make_strategy(method, scenario)
         shared = None if isinstance(strategy, SI) else first
@@ -340,53 +325,6 @@ def run_all(
     return results, first_cpu
 
 
-def _summaries(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in results:
-        groups.setdefault((r["scenario"], r["method"]), []).append(r)
-    out = {}
-    for key, runs in groups.items():
-        mats = [torch.tensor(r["matrix"], dtype=torch.float64) for r in runs]
-        avgs = [average_accuracy(m) for m in mats]
-        summary: dict[str, Any] = {
-            "n": len(runs),
-            "final": mean_std([float(a[-1]) for a in avgs]),
-            "curve": [mean_std([float(a[t]) for a in avgs]) for t in range(len(avgs[0]))],
-            "forgetting": mean_std([forgetting(m) for m in mats]),
-            "bwt": mean_std([backward_transfer(m) for m in mats]),
-            "matrix": torch.stack(mats).mean(0),
-            "seconds": sum(r["seconds"] for r in runs),
-        }
-        if "certified" in runs[0]:
-            certs = [
-                torch.tensor(
-                    [[math.nan if v is None else v for v in row] for row in r["certified"]],
-                    dtype=torch.float64,
-                )
-                for r in runs
-            ]
-            summary["certified_final"] = mean_std([float(c[-1].mean()) for c in certs])
-            summary["certified_diag"] = mean_std([float(c.diagonal().mean()) for c in certs])
-            summary["certified_curve"] = [
-                mean_std([float(c[t, : t + 1].mean()) for c in certs]) for t in range(len(certs[0]))
-            ]
-            summary["certified_last_row"] = [
-                mean_std([float(c[-1, j]) for c in certs]) for j in range(len(certs[0]))
-            ]
-            summary["holds"] = sum(all(all(s["holds"].values()) for s in r["stages"]) for r in runs)
-            summary["widths"] = [
-                mean_std([r["stages"][t]["mean_width"] for r in runs])
-                for t in range(len(runs[0]["stages"]))
-            ]
-            summary["frozen"] = [
-                sum(r["stages"][t]["n_frozen"] / r["stages"][t]["n_boxed"] for r in runs)
-                / len(runs)
-                for t in range(len(runs[0]["stages"]))
-            ]
-        out[key] = summary
-    return out
-
-
 def _paper(method: str, scenario: str) -> str:
     if method == "LID":
         acc, cert = PAPER_LID[scenario]
@@ -399,9 +337,14 @@ def markdown(
     results: list[dict[str, Any]], settings: Settings, wall_s: float, workers: int, cpu_s: float
 ) -> str:
     """The results as Markdown: final average accuracy beside the paper, then the details."""
-    summaries = _summaries(results)
+    summaries = cl_report.summarise(results)
     methods = [*settings.lid_variants, *settings.baselines]
     scenarios = [s for s in SCENARIOS if s in settings.scenarios]
+
+    def paper(method: str, scenario: str, measured: bool) -> str:
+        """A measured LID variant stands beside the paper's LID row."""
+        return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
+
     lines = [
         "## Split-MNIST continual learning (issue 7)",
         "",
@@ -415,25 +358,7 @@ def markdown(
         + (" --quick" if "quick" in settings.label else "")
         + "`.",
         "",
-        "### Final average accuracy (LID: held-out certified lower bound in brackets)",
-        "",
-        "| method | " + " | ".join(f"{SCENARIO_NAMES[s]} | paper" for s in scenarios) + " |",
-        "|---|" + "---|---|" * len(scenarios),
-    ]
-    for method in methods:
-        cells = []
-        for s in scenarios:
-            summary = summaries.get((s, method))
-            if summary is None:
-                cells += ["–", _paper(method, s)]
-                continue
-            cell = summary["final"].format()
-            if "certified_final" in summary:
-                cell += f" ({summary['certified_final'].format()})"
-            paper_key = "LID" if method in settings.lid_variants else method
-            cells += [cell, _paper(paper_key, s)]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += [
+        *cl_report.final_accuracy_table(summaries, methods, scenarios, paper),
         "",
         "The paper's LID row is its best LID result; its look-ahead trick is reported there for "
         "Class-IL task 2 only (0.20 -> 0.73). Our LIDs box the final Linear only (the "
@@ -448,43 +373,8 @@ def markdown(
         "certificate is the fixed network's held-out bound. Certified values are the mean over "
         "tasks of the last row (LID_5 on every task).",
         "",
-        "### Forgetting and backward transfer (lower forgetting / higher BWT is better)",
-        "",
-        "| method | "
-        + " | ".join(f"{SCENARIO_NAMES[s]} forgetting | BWT" for s in scenarios)
-        + " |",
-        "|---|" + "---|---|" * len(scenarios),
-    ]
-    for method in methods:
-        cells = []
-        for s in scenarios:
-            summary = summaries.get((s, method))
-            cells += (
-                ["–", "–"]
-                if summary is None
-                else [summary["forgetting"].format(), summary["bwt"].format()]
-            )
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    for s in scenarios:
-        lines += [
-            "",
-            f"### {SCENARIO_NAMES[s]}: average accuracy after each task",
-            "",
-            "| method | " + " | ".join(f"after t{t + 1}" for t in range(settings.n_tasks)) + " |",
-            "|---|" + "---|" * settings.n_tasks,
-        ]
-        for method in methods:
-            summary = summaries.get((s, method))
-            if summary is None:
-                continue
-            lines.append(f"| {method} | " + " | ".join(v.format() for v in summary["curve"]) + " |")
-            if "certified_curve" in summary:
-                lines.append(
-                    f"| {method} certified | "
-                    + " | ".join(v.format() for v in summary["certified_curve"])
-                    + " |"
-                )
-    lines += [
+        *cl_report.forgetting_table(summaries, methods, scenarios),
+        *cl_report.curve_tables(summaries, methods, scenarios, settings.n_tasks),
         "",
         "### LID details",
         "",
@@ -493,132 +383,15 @@ def markdown(
         "by any search). `last row` = LID_5 on every task: the final network lies in it, so "
         "these bound the final network's accuracy; `diagonal` = LID_t on task t, at creation.",
         "",
-        "| scenario | variant | certified, last row per task | mean last row | mean diagonal "
-        "| runs whose every certificate meets τ | mean box width per task | frozen fraction |",
-        "|---|---|---|---|---|---|---|---|",
+        *cl_report.lid_details_table(
+            summaries,
+            scenarios,
+            list(settings.lid_variants),
+            ["last_row", "final", "diagonal", "runs_holding", "widths", "frozen"],
+        ),
+        *cl_report.compute_table(summaries, methods, scenarios, clock="worker wall seconds"),
     ]
-    for s in scenarios:
-        for method in settings.lid_variants:
-            summary = summaries.get((s, method))
-            if summary is None:
-                continue
-            lines.append(
-                f"| {SCENARIO_NAMES[s]} | {method} | "
-                + ", ".join(v.format() for v in summary["certified_last_row"])
-                + f" | {summary['certified_final'].format()} | {summary['certified_diag'].format()}"
-                + f" | {summary['holds']}/{summary['n']} | "
-                + ", ".join(f"{v.mean:.3g}" for v in summary["widths"])
-                + " | "
-                + ", ".join(f"{v:.2f}" for v in summary["frozen"])
-                + " |"
-            )
-    lines += ["", "### Compute (worker wall seconds, summed over seeds; first task excluded)", ""]
-    lines += ["| scenario | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-    for s in scenarios:
-        cells = [
-            f"{summaries[(s, m)]['seconds']:.0f}" if (s, m) in summaries else "–" for m in methods
-        ]
-        lines.append(f"| {SCENARIO_NAMES[s]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot(results: list[dict[str, Any]], settings: Settings, folder: Path) -> list[Path]:
-    """Accuracy-matrix heatmaps and average-accuracy curves, one pair of PNGs per scenario."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summaries = _summaries(results)
-    methods = [*settings.lid_variants, *settings.baselines]
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    n = settings.n_tasks
-    for s in settings.scenarios:
-        present = [m for m in methods if (s, m) in summaries]
-        cols = 4
-        rows = math.ceil(len(present) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
-        for ax, method in zip(axes.flat, present, strict=False):
-            matrix = summaries[(s, method)]["matrix"].clone()
-            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
-            matrix[mask] = float("nan")
-            ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
-            for t in range(n):
-                for j in range(t + 1):
-                    value = float(matrix[t, j])
-                    ax.text(
-                        j,
-                        t,
-                        f"{value:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if value < 0.6 else "black",
-                    )
-            ax.set_title(method, fontsize=9)
-            ax.set_xticks(range(n), [f"t{j + 1}" for j in range(n)], fontsize=7)
-            ax.set_yticks(range(n), [f"after t{t + 1}" for t in range(n)], fontsize=7)
-        for ax in list(axes.flat)[len(present) :]:
-            ax.axis("off")
-        fig.suptitle(
-            f"Split-MNIST {SCENARIO_NAMES[s]}: test accuracy on task j (column) after "
-            f"training task t (row), mean of {len(settings.seeds)} seed(s)",
-            fontsize=10,
-        )
-        fig.tight_layout()
-        path = folder / f"split_mnist_{s}_matrix.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-
-        fig, ax = plt.subplots(figsize=(8.4, 4.4))
-        steps = list(range(1, n + 1))
-        for method in present:
-            summary = summaries[(s, method)]
-            mean = [v.mean for v in summary["curve"]]
-            std = [v.std for v in summary["curve"]]
-            (line,) = ax.plot(steps, mean, marker="o", label=method)
-            ax.fill_between(
-                steps,
-                [m - d for m, d in zip(mean, std, strict=True)],
-                [m + d for m, d in zip(mean, std, strict=True)],
-                color=line.get_color(),
-                alpha=0.15,
-            )
-            if "certified_curve" in summary:
-                ax.plot(
-                    steps,
-                    [v.mean for v in summary["certified_curve"]],
-                    linestyle="--",
-                    marker="x",
-                    color=line.get_color(),
-                    label=f"{method} certified",
-                )
-        paper_acc, paper_cert = PAPER_LID[s]
-        ax.scatter([n], [paper_acc], marker="*", s=120, color="black", label="paper LID", zorder=5)
-        ax.scatter(
-            [n],
-            [paper_cert],
-            marker="*",
-            s=120,
-            color="grey",
-            label="paper LID certified",
-            zorder=5,
-        )
-        ax.set_xlabel("tasks trained")
-        ax.set_ylabel("average accuracy over tasks seen")
-        ax.set_ylim(0, 1.02)
-        ax.set_xticks(steps)
-        ax.set_title(f"Split-MNIST {SCENARIO_NAMES[s]}")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = folder / f"split_mnist_{s}_average.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -654,17 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--merge", action="store_true", help="replace the matching jobs in --raw, keep the rest"
     )
     args = parser.parse_args(argv)
-    settings = settings_for(args)
-    if args.methods:
-        settings = replace(
-            settings,
-            lid_variants={k: v for k, v in settings.lid_variants.items() if k in args.methods},
-            baselines=tuple(m for m in settings.baselines if m in args.methods),
-        )
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
+    settings = cl_report.keep_methods(settings_for(args), args.methods)
+    log = cl_report.log
     if args.from_raw:
         saved = json.loads(args.raw.read_text(encoding="utf-8"))
     else:
@@ -707,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
-    for path in plot(results, settings, args.plots):
+    for path in cl_report.plot(results, settings, args.plots, PLOT_STYLE):
         log(f"wrote {path}")
     return 0
 

@@ -107,22 +107,6 @@ def _subset(
     return x[keep], y[keep]
 
 
-def split_mnist(
-    scenario: Scenario,
-    pairs: Sequence[tuple[int, int]],
-    train: tuple[Tensor, Tensor],
-    test: tuple[Tensor, Tensor],
-    *,
-    train_limit: int | None = None,
-    test_limit: int | None = None,
-) -> list[SplitTask]:
-    """Build the task sequence of one scenario from MNIST train and test arrays.
-
-    The same as `split_pairs` (kept under this name for the Split-MNIST code).
-    """
-    return split_pairs(scenario, pairs, train, test, train_limit=train_limit, test_limit=test_limit)
-
-
 def split_pairs(
     scenario: Scenario,
     pairs: Sequence[tuple[int, int]],
@@ -171,6 +155,11 @@ def split_pairs(
             )
         )
     return tasks
+
+
+split_mnist = split_pairs
+"""Build the task sequence of one scenario from MNIST train and test arrays: `split_pairs`
+under the name the Split-MNIST code uses."""
 
 
 def masked_logits(logits: Tensor, rows: Sequence[int] | Tensor) -> Tensor:

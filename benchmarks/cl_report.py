@@ -1,0 +1,448 @@
+"""What the continual-learning benchmarks (split_mnist.py, split_cifar.py) share in reporting.
+
+The raw JSON record of a LID sequence, the per-(scenario, method) summaries over seeds, the
+Markdown tables both scripts print, their accuracy-matrix and average-accuracy plots, and the
+small pieces of their command lines that agree (choosing methods, progress on stderr). What the
+two reports say differently (the paper's figures, titles, data set names) comes in as arguments.
+
+The scripts import this module as `cl_report` (a script's folder is first on sys.path); the
+tests, which load the scripts from their files, reach it as `benchmarks.cl_report`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
+
+import torch
+
+from verifier.cl.lid_learner import LidRun
+from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
+from verifier.cl.scenarios import SCENARIO_NAMES, Scenario
+
+Summaries = dict[tuple[str, str], dict[str, Any]]
+"""Per (scenario, method): the summary over seeds that `summarise` computes."""
+PaperLid = Mapping[str, tuple[float, float | None]]
+"""Per scenario: the paper's LID final average accuracy and its certified value (None: none)."""
+
+
+class RunSettings(Protocol):
+    """The part of a benchmark's `Settings` (a dataclass) that the report reads."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    seeds: tuple[int, ...]
+    scenarios: tuple[Scenario, ...]
+    lid_variants: dict[str, Any]
+    baselines: tuple[str, ...]
+    n_tasks: int
+
+
+SettingsT = TypeVar("SettingsT", bound=RunSettings)
+
+
+def keep_methods(settings: SettingsT, methods: Sequence[str] | None) -> SettingsT:
+    """The settings with only the named LID variants and baselines (all when none is named)."""
+    if not methods:
+        return settings
+    return replace(
+        settings,
+        lid_variants={k: v for k, v in settings.lid_variants.items() if k in methods},
+        baselines=tuple(m for m in settings.baselines if m in methods),
+    )
+
+
+def log(message: str) -> None:
+    """Progress and file names go to stderr; the Markdown goes to stdout."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- raw results ----------------------------------------------------------------------
+
+
+def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
+    """The raw JSON of a LID sequence: accuracy matrix, certified bounds (None where not
+    certified) and one record per stage (LID_t).
+
+    Args:
+        run: what `run_lid_sequence` returned.
+        counts: also record each certificate's certified count and sample count, [k, n].
+    """
+    stages = []
+    for s in run.stages:
+        stage = {
+            "task": s.task,
+            "clean": s.clean,
+            "target": s.target,
+            "search_target": s.search_target,
+            "chosen": s.chosen,
+            "feasible": s.feasible,
+            "optimisation_metric": s.optimisation_metric,
+            "mean_width": s.mean_width,
+            "n_frozen": s.n_frozen,
+            "n_boxed": s.n_boxed,
+            "search_seconds": s.seconds,
+            "holds": {str(j): c.holds for j, c in s.certificates.items()},
+        }
+        if counts:
+            stage["certified_counts"] = {str(j): [c.k, c.n] for j, c in s.certificates.items()}
+        stages.append(stage)
+    return {
+        "matrix": run.matrix.tolist(),
+        "certified": [[None if math.isnan(v) else v for v in r] for r in run.certified.tolist()],
+        "stages": stages,
+    }
+
+
+def summarise(results: list[dict[str, Any]]) -> Summaries:
+    """Mean ± sample std over seeds of every (scenario, method) in the raw results.
+
+    Every method: final average accuracy, the average-accuracy curve, forgetting, backward
+    transfer, the mean accuracy matrix and the summed job seconds. LIDs also: certified final
+    (mean of the last row), diagonal, curve and last row; how many runs and certificates meet τ;
+    τ, box width and frozen fraction per task; summed search seconds.
+    """
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["scenario"], r["method"]), []).append(r)
+    out = {}
+    for key, runs in groups.items():
+        mats = [torch.tensor(r["matrix"], dtype=torch.float64) for r in runs]
+        avgs = [average_accuracy(m) for m in mats]
+        summary: dict[str, Any] = {
+            "n": len(runs),
+            "final": mean_std([float(a[-1]) for a in avgs]),
+            "curve": [mean_std([float(a[t]) for a in avgs]) for t in range(len(avgs[0]))],
+            "forgetting": mean_std([forgetting(m) for m in mats]),
+            "bwt": mean_std([backward_transfer(m) for m in mats]),
+            "matrix": torch.stack(mats).mean(0),
+            "seconds": sum(r["seconds"] for r in runs),
+        }
+        if "certified" in runs[0]:
+            certs = [
+                torch.tensor(
+                    [[math.nan if v is None else v for v in row] for row in r["certified"]],
+                    dtype=torch.float64,
+                )
+                for r in runs
+            ]
+            n = len(certs[0])
+            summary["certified_final"] = mean_std([float(c[-1].mean()) for c in certs])
+            summary["certified_diag"] = mean_std([float(c.diagonal().mean()) for c in certs])
+            summary["certified_curve"] = [
+                mean_std([float(c[t, : t + 1].mean()) for c in certs]) for t in range(n)
+            ]
+            summary["certified_last_row"] = [
+                mean_std([float(c[-1, j]) for c in certs]) for j in range(n)
+            ]
+            summary["holds"] = sum(all(all(s["holds"].values()) for s in r["stages"]) for r in runs)
+            summary["certificates_holding"] = (
+                sum(v for r in runs for s in r["stages"] for v in s["holds"].values()),
+                sum(len(s["holds"]) for r in runs for s in r["stages"]),
+            )
+            summary["targets"] = [
+                mean_std([r["stages"][t]["target"] for r in runs]) for t in range(n)
+            ]
+            summary["widths"] = [
+                mean_std([r["stages"][t]["mean_width"] for r in runs]) for t in range(n)
+            ]
+            summary["frozen"] = [
+                sum(r["stages"][t]["n_frozen"] / r["stages"][t]["n_boxed"] for r in runs)
+                / len(runs)
+                for t in range(n)
+            ]
+            summary["search_seconds"] = sum(s["search_seconds"] for r in runs for s in r["stages"])
+        out[key] = summary
+    return out
+
+
+# ---- Markdown tables --------------------------------------------------------------------
+
+
+def final_accuracy_table(
+    summaries: Summaries,
+    methods: Sequence[str],
+    scenarios: Sequence[Scenario],
+    paper: Callable[[str, str, bool], str],
+) -> list[str]:
+    """Final average accuracy per method and scenario, certified in brackets, beside the paper.
+
+    Args:
+        summaries: from `summarise`.
+        methods: the rows, in order.
+        scenarios: the column pairs, in order.
+        paper: the paper column's cell for (method, scenario, whether the results hold it).
+    """
+    lines = [
+        "### Final average accuracy (LID: held-out certified lower bound in brackets)",
+        "",
+        "| method | " + " | ".join(f"{SCENARIO_NAMES[s]} | paper" for s in scenarios) + " |",
+        "|---|" + "---|---|" * len(scenarios),
+    ]
+    for method in methods:
+        cells = []
+        for s in scenarios:
+            summary = summaries.get((s, method))
+            if summary is None:
+                cells += ["–", paper(method, s, False)]
+                continue
+            cell = summary["final"].format()
+            if "certified_final" in summary:
+                cell += f" ({summary['certified_final'].format()})"
+            cells += [cell, paper(method, s, True)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def forgetting_table(
+    summaries: Summaries, methods: Sequence[str], scenarios: Sequence[Scenario]
+) -> list[str]:
+    """Forgetting and backward transfer per method and scenario."""
+    lines = [
+        "### Forgetting and backward transfer (lower forgetting / higher BWT is better)",
+        "",
+        "| method | "
+        + " | ".join(f"{SCENARIO_NAMES[s]} forgetting | BWT" for s in scenarios)
+        + " |",
+        "|---|" + "---|---|" * len(scenarios),
+    ]
+    for method in methods:
+        cells = []
+        for s in scenarios:
+            summary = summaries.get((s, method))
+            cells += (
+                ["–", "–"]
+                if summary is None
+                else [summary["forgetting"].format(), summary["bwt"].format()]
+            )
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_tables(
+    summaries: Summaries, methods: Sequence[str], scenarios: Sequence[Scenario], n_tasks: int
+) -> list[str]:
+    """Per scenario, the average accuracy after each task (and the LIDs' certified values)."""
+    lines: list[str] = []
+    for s in scenarios:
+        lines += [
+            "",
+            f"### {SCENARIO_NAMES[s]}: average accuracy after each task",
+            "",
+            "| method | " + " | ".join(f"after t{t + 1}" for t in range(n_tasks)) + " |",
+            "|---|" + "---|" * n_tasks,
+        ]
+        for method in methods:
+            summary = summaries.get((s, method))
+            if summary is None:
+                continue
+            lines.append(f"| {method} | " + " | ".join(v.format() for v in summary["curve"]) + " |")
+            if "certified_curve" in summary:
+                lines.append(
+                    f"| {method} certified | "
+                    + " | ".join(v.format() for v in summary["certified_curve"])
+                    + " |"
+                )
+    return lines
+
+
+LidColumn = Literal[
+    "targets",
+    "last_row",
+    "final",
+    "diagonal",
+    "runs_holding",
+    "certificates_holding",
+    "widths",
+    "frozen",
+    "search_seconds",
+]
+LID_COLUMNS: dict[LidColumn, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "targets": ("τ per task", lambda s: ", ".join(f"{v.mean:.2f}" for v in s["targets"])),
+    "last_row": (
+        "certified, last row per task",
+        lambda s: ", ".join(v.format() for v in s["certified_last_row"]),
+    ),
+    "final": ("mean last row", lambda s: s["certified_final"].format()),
+    "diagonal": ("mean diagonal", lambda s: s["certified_diag"].format()),
+    "runs_holding": ("runs whose every certificate meets τ", lambda s: f"{s['holds']}/{s['n']}"),
+    "certificates_holding": (
+        "certificates meeting τ",
+        lambda s: "{}/{}".format(*s["certificates_holding"]),
+    ),
+    "widths": (
+        "mean box width per task",
+        lambda s: ", ".join(f"{v.mean:.3g}" for v in s["widths"]),
+    ),
+    "frozen": ("frozen fraction", lambda s: ", ".join(f"{v:.2f}" for v in s["frozen"])),
+    "search_seconds": ("search + certify s", lambda s: f"{s['search_seconds']:.0f}"),
+}
+"""The columns a LID details table may show: header and cell of a LID summary."""
+
+
+def lid_details_table(
+    summaries: Summaries,
+    scenarios: Sequence[Scenario],
+    variants: Sequence[str],
+    columns: Sequence[LidColumn],
+) -> list[str]:
+    """One row per scenario and LID variant with the chosen `LID_COLUMNS`."""
+    chosen = [LID_COLUMNS[c] for c in columns]
+    lines = [
+        "| scenario | variant | " + " | ".join(header for header, _ in chosen) + " |",
+        "|---|---|" + "---|" * len(chosen),
+    ]
+    for s in scenarios:
+        for method in variants:
+            summary = summaries.get((s, method))
+            if summary is None:
+                continue
+            cells = [SCENARIO_NAMES[s], method, *(cell(summary) for _, cell in chosen)]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def compute_table(
+    summaries: Summaries, methods: Sequence[str], scenarios: Sequence[Scenario], *, clock: str
+) -> list[str]:
+    """Seconds per scenario and method, summed over seeds; `clock` names what was timed."""
+    lines = ["", f"### Compute ({clock}, summed over seeds; first task excluded)", ""]
+    lines += ["| scenario | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for s in scenarios:
+        cells = [
+            f"{summaries[(s, m)]['seconds']:.0f}" if (s, m) in summaries else "–" for m in methods
+        ]
+        lines.append(f"| {SCENARIO_NAMES[s]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ---- plots ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlotStyle:
+    """What one benchmark's plots name and lay out differently.
+
+    Attributes:
+        dataset: the benchmark's name in the titles, e.g. "Split-MNIST".
+        file_prefix: the files are `<file_prefix>_<scenario>_matrix.png` and `..._average.png`.
+        paper_lid: the paper's LID figures, starred at the last task of the average plot.
+        columns: panels per row of the accuracy-matrix figure.
+        fit_columns: use fewer columns when there are fewer panels.
+        wrap_title: break the matrix figure's title into two lines.
+        subtitle: appended to the average plot's title.
+    """
+
+    dataset: str
+    file_prefix: str
+    paper_lid: PaperLid
+    columns: int
+    fit_columns: bool = False
+    wrap_title: bool = False
+    subtitle: str = ""
+
+
+def plot(
+    results: list[dict[str, Any]], settings: RunSettings, folder: Path, style: PlotStyle
+) -> list[Path]:
+    """Accuracy-matrix heatmaps and average-accuracy curves, one pair of PNGs per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = summarise(results)
+    methods = [*settings.lid_variants, *settings.baselines]
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    n = settings.n_tasks
+    for s in settings.scenarios:
+        present = [m for m in methods if (s, m) in summaries]
+        cols = min(style.columns, len(present)) if style.fit_columns else style.columns
+        rows = math.ceil(len(present) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+        for ax, method in zip(axes.flat, present, strict=False):
+            matrix = summaries[(s, method)]["matrix"].clone()
+            mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
+            matrix[mask] = float("nan")
+            ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis")
+            for t in range(n):
+                for j in range(t + 1):
+                    value = float(matrix[t, j])
+                    ax.text(
+                        j,
+                        t,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value < 0.6 else "black",
+                    )
+            ax.set_title(method, fontsize=9)
+            ax.set_xticks(range(n), [f"t{j + 1}" for j in range(n)], fontsize=7)
+            ax.set_yticks(range(n), [f"after t{t + 1}" for t in range(n)], fontsize=7)
+        for ax in list(axes.flat)[len(present) :]:
+            ax.axis("off")
+        fig.suptitle(
+            f"{style.dataset} {SCENARIO_NAMES[s]}: test accuracy on task j (column) after"
+            + ("\n" if style.wrap_title else " ")
+            + f"training task t (row), mean of {len(settings.seeds)} seed(s)",
+            fontsize=10,
+        )
+        fig.tight_layout()
+        path = folder / f"{style.file_prefix}_{s}_matrix.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+        fig, ax = plt.subplots(figsize=(8.4, 4.4))
+        steps = list(range(1, n + 1))
+        for method in present:
+            summary = summaries[(s, method)]
+            mean = [v.mean for v in summary["curve"]]
+            std = [v.std for v in summary["curve"]]
+            (line,) = ax.plot(steps, mean, marker="o", label=method)
+            ax.fill_between(
+                steps,
+                [m - d for m, d in zip(mean, std, strict=True)],
+                [m + d for m, d in zip(mean, std, strict=True)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+            if "certified_curve" in summary:
+                ax.plot(
+                    steps,
+                    [v.mean for v in summary["certified_curve"]],
+                    linestyle="--",
+                    marker="x",
+                    color=line.get_color(),
+                    label=f"{method} certified",
+                )
+        paper_acc, paper_cert = style.paper_lid[s]
+        ax.scatter([n], [paper_acc], marker="*", s=120, color="black", label="paper LID", zorder=5)
+        if paper_cert is not None:
+            ax.scatter(
+                [n],
+                [paper_cert],
+                marker="*",
+                s=120,
+                color="grey",
+                label="paper LID certified",
+                zorder=5,
+            )
+        ax.set_xlabel("tasks trained")
+        ax.set_ylabel("average accuracy over tasks seen")
+        ax.set_ylim(0, 1.02)
+        ax.set_xticks(steps)
+        ax.set_title(f"{style.dataset} {SCENARIO_NAMES[s]}{style.subtitle}")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = folder / f"{style.file_prefix}_{s}_average.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
