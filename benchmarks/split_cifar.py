@@ -69,6 +69,7 @@ from verifier.data.embeddings import (
     read_cache,
 )
 from verifier.domains.io import write_text_atomic
+from verifier.onnx_export import linear_head_model
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report
@@ -787,24 +788,7 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
 
 def head_onnx(weight: np.ndarray, bias: np.ndarray) -> Any:
     """A (batch, k) -> (batch, 10) Gemm head with initializers fc.weight (10, k), fc.bias."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    n_classes, dim = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], transB=1)],
-        "split_cifar_head",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
-        initializer=[
-            numpy_helper.from_array(weight.astype(np.float32), "fc.weight"),
-            numpy_helper.from_array(bias.astype(np.float32), "fc.bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return linear_head_model(weight, bias, prefix="fc", name="split_cifar_head")
 
 
 def export_head_main(argv: Sequence[str]) -> int:

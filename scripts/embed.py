@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
 from verifier.data.embeddings import embed_source, load_encoder, load_source, read_cache
+from verifier.onnx_export import linear_head_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -43,21 +43,7 @@ def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
 
 def head_model(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     """A (batch, dim) -> (batch, classes) Gemm head with initializers head.weight, head.bias."""
-    n_classes, dim = weight.shape
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["features", "head.weight", "head.bias"], ["logits"], transB=1)],
-        "head",
-        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
-        initializer=[
-            numpy_helper.from_array(weight.astype(np.float32), "head.weight"),
-            numpy_helper.from_array(bias.astype(np.float32), "head.bias"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return linear_head_model(weight, bias, prefix="head")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from onnx import TensorProto, numpy_helper
 from tests.model_zoo import EXPORT_WARNING_FILTERS, ZooModel, build_zoo
 from verifier.errors import DomainError
 from verifier.graph import Graph
-from verifier.onnx_export import save_with_parameters
+from verifier.onnx_export import linear_head_model, save_with_parameters
 from verifier.onnx_import import load_graph
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in EXPORT_WARNING_FILTERS]
@@ -150,3 +150,21 @@ def test_bad_parameters_raise_domain_error(
     with pytest.raises(DomainError, match=pattern):
         save_with_parameters(source, make_theta(params), out)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_linear_head_model_computes_the_affine_map(tmp_path: Path) -> None:
+    """The exported head is features @ W.T + b in onnxruntime and in our graph."""
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(3, 7)).astype(np.float32)
+    bias = rng.normal(size=3).astype(np.float32)
+    features = rng.normal(size=(5, 7)).astype(np.float32)
+    path = tmp_path / "head.onnx"
+    onnx.save(linear_head_model(weight, bias, prefix="fc"), str(path))
+    expected = features @ weight.T + bias
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"features": features})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    graph = load_graph(path)
+    assert set(graph.parameters) == {"fc.weight", "fc.bias"}
+    ours = graph(torch.from_numpy(features)).detach().numpy()
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)

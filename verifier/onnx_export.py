@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import AttributeProto, TensorProto, numpy_helper
+from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from verifier.errors import DomainError
@@ -121,3 +121,30 @@ def _write_atomically(data: bytes, out_path: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+
+
+def linear_head_model(
+    weight: np.ndarray, bias: np.ndarray, *, prefix: str, name: str = "head"
+) -> onnx.ModelProto:
+    """A checked ONNX model (graph `name`) of one linear head: features (batch, dim) -> logits
+    (batch, classes) by a Gemm with initializers `<prefix>.weight` (classes, dim) and
+    `<prefix>.bias`."""
+    n_classes, dim = weight.shape
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "Gemm", ["features", f"{prefix}.weight", f"{prefix}.bias"], ["logits"], transB=1
+            )
+        ],
+        name,
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", dim])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_classes])],
+        initializer=[
+            numpy_helper.from_array(weight.astype(np.float32), f"{prefix}.weight"),
+            numpy_helper.from_array(bias.astype(np.float32), f"{prefix}.bias"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
