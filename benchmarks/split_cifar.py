@@ -437,6 +437,7 @@ def _tasks(settings: Settings, scenario: Scenario, seed: int) -> list:
         features.test,
         train_limit=settings.train_limit,
         test_limit=settings.test_limit,
+        domain_label="position",
     )
 
 

@@ -79,7 +79,9 @@ def test_pairs_cover_the_digits_and_labels_follow_the_scenario() -> None:
     assert task_rows("domain", (3, 8)) == (0, 1)
     assert task_rows("class", (3, 8)) == tuple(range(10))
     assert task_labels("task", (3, 8), y).tolist() == [0, 1, 1, 0]
-    assert task_labels("domain", (3, 8), y).tolist() == [0, 1, 1, 0]
+    assert task_labels("domain", (3, 8), y).tolist() == [1, 0, 0, 1]  # parity: 3 odd, 8 even
+    assert task_labels("domain", (3, 8), y, "position").tolist() == [0, 1, 1, 0]
+    assert task_labels("domain", (0, 8), torch.tensor([0, 8])).tolist() == [0, 0]  # one label
     assert task_labels("class", (3, 8), y).tolist() == [3, 8, 8, 3]
     logits = torch.arange(20.0).reshape(2, 10)
     assert masked_logits(logits, (3, 8)).tolist() == [[3.0, 8.0], [13.0, 18.0]]
@@ -203,3 +205,25 @@ def test_tiny_benchmark_run_end_to_end(tmp_path: Path, monkeypatch: pytest.Monke
     assert certified[1][0] >= certified[0][0]  # LID_2 inside LID_1: never fewer proofs
     accuracy = lid["matrix"]
     assert not math.isnan(accuracy[1][0])
+
+
+@pytest.mark.timeout(120)
+def test_tiny_benchmark_with_the_papers_pairs_and_full_boxes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--pairs paper` gives every seed the fixed (0, 1), (2, 3) order; `--boxed all` boxes the
+    convolutions too and still nests LID_2 inside LID_1."""
+    bench = _benchmark_module(monkeypatch)
+    out, plots, raw = tmp_path / "r.md", tmp_path / "plots", tmp_path / "raw.json"
+    argv = ["--tiny", "--workers", "0", "--scenarios", "domain", "--methods", "LID", "fine-tune"]
+    argv += ["--pairs", "paper", "--boxed", "all"]
+    argv += ["--out", str(out), "--plots", str(plots), "--raw", str(raw)]
+    assert bench.main(argv) == 0
+    text = out.read_text(encoding="utf-8")
+    assert "fixed pairs (0, 1), (2, 3)" in text
+    assert "box every parameter" in text
+    results = json.loads(raw.read_text(encoding="utf-8"))["results"]
+    assert {r["method"] for r in results} == {"LID", "fine-tune"}
+    assert all(r["pairs"] == [[0, 1], [2, 3]] for r in results)
+    certified = next(r for r in results if r["method"] == "LID")["certified"]
+    assert certified[1][0] >= certified[0][0]

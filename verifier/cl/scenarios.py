@@ -8,8 +8,11 @@ certification all work on the *masked* logits `logits[:, rows]`:
 
 * ``task`` (Task-IL, multi-head): rows = the task's two digits; only those two logits compete.
 * ``domain`` (Domain-IL): rows = (0, 1), one shared two-way head (the first two logits of the
-  network); label = which digit of the pair, 0 for the smaller digit and 1 for the larger. With
-  the classic pairs (0,1), (2,3), ... this is parity.
+  network); label = the digit's parity (0 even, 1 odd), as the Split-MNIST protocol defines it
+  (`domain_label="parity"`, the default). With pairs drawn per seed a task can hold two digits
+  of one parity, i.e. a single label. `domain_label="position"` labels instead which class of
+  the pair (0 for the smaller, 1 for the larger; Split-CIFAR-10 uses it, since a CIFAR class
+  index has no parity of meaning). With the classic pairs (0,1), (2,3), ... the two agree.
 * ``class`` (Class-IL): rows = all ten logits; label = the digit.
 """
 
@@ -25,6 +28,7 @@ from torch import Tensor
 from verifier.errors import InputError
 
 Scenario = Literal["task", "domain", "class"]
+DomainLabel = Literal["parity", "position"]
 SCENARIOS: Final[tuple[Scenario, ...]] = ("task", "domain", "class")
 SCENARIO_NAMES: Final[dict[Scenario, str]] = {
     "task": "Task-IL",
@@ -91,10 +95,15 @@ def task_rows(scenario: Scenario, digits: tuple[int, int]) -> tuple[int, ...]:
     return tuple(range(N_DIGITS))
 
 
-def task_labels(scenario: Scenario, digits: tuple[int, int], y: Tensor) -> Tensor:
-    """Digit labels of a task's samples as positions in its `task_rows`."""
+def task_labels(
+    scenario: Scenario, digits: tuple[int, int], y: Tensor, domain_label: DomainLabel = "parity"
+) -> Tensor:
+    """Digit labels of a task's samples as positions in its `task_rows` (Domain-IL: the digit's
+    parity, or with `domain_label="position"` which digit of the pair)."""
     if scenario == "class":
         return y.clone()
+    if scenario == "domain" and domain_label == "parity":
+        return (y % 2).to(torch.int64)
     return (y == digits[1]).to(torch.int64)
 
 
@@ -115,6 +124,7 @@ def split_pairs(
     *,
     train_limit: int | None = None,
     test_limit: int | None = None,
+    domain_label: DomainLabel = "parity",
 ) -> list[SplitTask]:
     """Build the task sequence of one scenario from the train and test arrays of any
     10-class data set (MNIST images, CIFAR-10 images or their frozen-encoder features).
@@ -126,6 +136,7 @@ def split_pairs(
         test: (x, y) of the test split.
         train_limit: keep at most this many training samples per task (quick runs).
         test_limit: keep at most this many test samples per task (quick runs).
+        domain_label: Domain-IL labels: "parity" (digit mod 2) or "position" (which of the pair).
 
     Returns:
         One `SplitTask` per pair.
@@ -149,9 +160,9 @@ def split_pairs(
                 digits=digits,
                 rows=task_rows(scenario, digits),
                 x_train=x_tr,
-                y_train=task_labels(scenario, digits, y_tr),
+                y_train=task_labels(scenario, digits, y_tr, domain_label),
                 x_test=x_te,
-                y_test=task_labels(scenario, digits, y_te),
+                y_test=task_labels(scenario, digits, y_te, domain_label),
             )
         )
     return tasks
