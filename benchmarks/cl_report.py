@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +21,11 @@ from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 
-from verifier.cl.lid_learner import LidRun
+from verifier.cl.lid_learner import LidConfig, LidRun, run_lid_sequence
 from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
-from verifier.cl.scenarios import SCENARIO_NAMES, Scenario
+from verifier.cl.network import ContinualNetwork
+from verifier.cl.scenarios import SCENARIO_NAMES, Scenario, SplitTask
+from verifier.cl.training import FirstTask, Strategy, TrainConfig, run_sequence
 
 Summaries = dict[tuple[str, str], dict[str, Any]]
 """Per (scenario, method): the summary over seeds that `summarise` computes."""
@@ -95,6 +98,44 @@ def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
         "certified": [[None if math.isnan(v) else v for v in r] for r in run.certified.tolist()],
         "stages": stages,
     }
+
+
+def job_record(
+    scenario: Scenario,
+    seed: int,
+    method: str,
+    tasks: Sequence[SplitTask],
+    model: ContinualNetwork,
+    generator: torch.Generator,
+    train: TrainConfig,
+    learner: LidConfig | Strategy,
+    first: FirstTask | None,
+    *,
+    counts: bool = False,
+) -> dict[str, Any]:
+    """The raw JSON of one method on one (scenario, seed): the task pairs, the accuracy matrix
+    (and for a LID learner its certificates, `lid_record`), wall and CPU seconds.
+
+    Args:
+        learner: the LID variant's settings, or a fresh baseline strategy.
+        first: the shared first-task training to resume from (None: train it here).
+        counts: also record each task's train / test sizes and each certificate's [k, n].
+    """
+    started, cpu_started = time.perf_counter(), time.process_time()
+    out: dict[str, Any] = {"scenario": scenario, "seed": seed, "method": method}
+    out["pairs"] = [list(t.digits) for t in tasks]
+    if counts:
+        out["n_train"] = [int(t.x_train.shape[0]) for t in tasks]
+        out["n_test"] = [int(t.x_test.shape[0]) for t in tasks]
+    if isinstance(learner, LidConfig):
+        run = run_lid_sequence(model, tasks, train, learner, generator, first=first)
+        out.update(lid_record(run, counts=counts))
+    else:
+        matrix = run_sequence(model, learner, tasks, train, generator, first=first)
+        out["matrix"] = matrix.tolist()
+    out["seconds"] = time.perf_counter() - started
+    out["cpu_seconds"] = time.process_time() - cpu_started
+    return out
 
 
 def summarise(results: list[dict[str, Any]]) -> Summaries:

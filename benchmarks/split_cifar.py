@@ -54,11 +54,11 @@ import numpy as np
 import torch
 
 from verifier.cl.baselines import EWC, FineTune, Joint
-from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, run_lid_sequence
+from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import LinearHead
 from verifier.cl.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario, draw_pairs, split_pairs
-from verifier.cl.training import FirstTask, Strategy, TrainConfig, run_sequence, train_first_task
+from verifier.cl.training import FirstTask, Strategy, TrainConfig, train_first_task
 from verifier.data.datasets import data_sha256
 from verifier.data.embeddings import (
     Encoder,
@@ -463,24 +463,20 @@ def method_job(
     settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
 ) -> dict[str, Any]:
     """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs)."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+    learner = settings.lid_variants.get(method) or make_strategy(settings, method, scenario)
     tasks = _tasks(settings, scenario, seed)
-    model, generator = _model(seed), _batches(seed)
-    out: dict[str, Any] = {"scenario": scenario, "seed": seed, "method": method}
-    out["pairs"] = [list(t.digits) for t in tasks]
-    out["n_train"] = [int(t.x_train.shape[0]) for t in tasks]
-    out["n_test"] = [int(t.x_test.shape[0]) for t in tasks]
-    if method in settings.lid_variants:
-        config = settings.lid_variants[method]
-        run = run_lid_sequence(model, tasks, settings.train, config, generator, first=first)
-        out.update(cl_report.lid_record(run, counts=True))
-    else:
-        strategy = make_strategy(settings, method, scenario)
-        matrix = run_sequence(model, strategy, tasks, settings.train, generator, first=first)
-        out["matrix"] = matrix.tolist()
-    out["seconds"] = time.perf_counter() - started
-    out["cpu_seconds"] = time.process_time() - cpu_started
-    return out
+    return cl_report.job_record(
+        scenario,
+        seed,
+        method,
+        tasks,
+        _model(seed),
+        _batches(seed),
+        settings.train,
+        learner,
+        first,
+        counts=True,
+    )
 
 
 # ---- orchestration --------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
-from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, run_lid_sequence
+from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
 from verifier.cl.scenarios import SCENARIOS, Scenario, draw_pairs, split_mnist
@@ -41,11 +41,9 @@ from verifier.cl.training import (
     FirstTask,
     Strategy,
     TrainConfig,
-    run_sequence,
     train_first_task,
 )
 from verifier.data import load_dataset
-from verifier.spec import SearchSection
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report
@@ -126,16 +124,10 @@ def lid_variants(
     }
 
 
-def _search_of(settings: Settings) -> SearchSection:
-    """The search settings the LID variants share (the defaults when none runs)."""
+def _lid_of(settings: Settings) -> LidConfig:
+    """The settings the LID variants share (search, boxed; the defaults when none runs)."""
     configs = list(settings.lid_variants.values())
-    return configs[0].search if configs else PAPER_SEARCH
-
-
-def _boxed_of(settings: Settings) -> str:
-    """What the LID variants box ("head" when none runs)."""
-    configs = list(settings.lid_variants.values())
-    return configs[0].boxed if configs else "head"
+    return configs[0] if configs else LidConfig()
 
 
 def applies(settings: Settings, method: str, scenario: str) -> bool:
@@ -263,23 +255,12 @@ def method_job(
     settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
 ) -> dict[str, Any]:
     """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs)."""
-    started, cpu_started = time.perf_counter(), time.process_time()
+    learner = settings.lid_variants.get(method) or make_strategy(method, scenario)
+    shared = None if isinstance(learner, SI) else first
     tasks = _tasks(settings, scenario, seed)
-    model, generator = _model(seed), _batches(seed)
-    out: dict[str, Any] = {"scenario": scenario, "seed": seed, "method": method}
-    out["pairs"] = [list(t.digits) for t in tasks]
-    if method in settings.lid_variants:
-        config = settings.lid_variants[method]
-        run = run_lid_sequence(model, tasks, settings.train, config, generator, first=first)
-        out.update(cl_report.lid_record(run))
-    else:
-        strategy = make_strategy(method, scenario)
-        shared = None if isinstance(strategy, SI) else first
-        matrix = run_sequence(model, strategy, tasks, settings.train, generator, first=shared)
-        out["matrix"] = matrix.tolist()
-    out["seconds"] = time.perf_counter() - started
-    out["cpu_seconds"] = time.process_time() - cpu_started
-    return out
+    return cl_report.job_record(
+        scenario, seed, method, tasks, _model(seed), _batches(seed), settings.train, learner, shared
+    )
 
 
 # ---- orchestration --------------------------------------------------------------------
@@ -390,11 +371,11 @@ def markdown(
         + (
             "Our LIDs box the final Linear only (the convolutions are pinned after task 1; a "
             "full-network box costs ~50x more search time on a CPU)"
-            if _boxed_of(settings) == "head"
+            if _lid_of(settings).boxed == "head"
             else "Our LIDs box every parameter, convolutions included (the paper's setting)"
         )
         + "; τ = accuracy on the task's train split - 0.12; search η_p = "
-        f"{_search_of(settings).lr:g}, target τ + {_search_of(settings).target_slack}. "
+        f"{_lid_of(settings).search.lr:g}, target τ + {_lid_of(settings).search.target_slack}. "
         "`LID` / `LID+look-ahead` train Class-IL tasks with the loss over the classes seen so "
         "far (prediction and certificates stay 10-way); `LID 10-way loss` uses the baselines' "
         "10-way loss. Look-ahead freezes the half of the boxed entries least important (Fisher) "
