@@ -19,7 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, logit_bounds, margin_bounds
+from verifier.bounds.ibp import logit_bounds, margin_bounds
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.data import load_dataset
 from verifier.graph import Activation, Conv, Graph, Linear, Reshape
 

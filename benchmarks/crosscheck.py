@@ -26,8 +26,8 @@ from bounds import mlp_graph  # benchmarks/bounds.py: a script's folder is first
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.lirpa import lirpa_margin_bounds
 from verifier.crosscheck.chain import relu_chain
-from verifier.crosscheck.exact import hidden_bounds, reduce_problem
 from verifier.crosscheck.milp import solve_reduced
+from verifier.crosscheck.problem import hidden_bounds, reduce_problem
 from verifier.crosscheck.smt import decide_nonlinear, decide_reduced
 from verifier.data import load_dataset
 from verifier.domains import Box

@@ -68,8 +68,8 @@ from verifier.cl.head_finetune import (
 )
 from verifier.data.embeddings import Encoder, embed_source, load_encoder, load_source, read_cache
 from verifier.domains.box import Box
-from verifier.domains.io import write_text_atomic
 from verifier.errors import InputError
+from verifier.files import write_text_atomic
 from verifier.graph import Graph
 from verifier.pipeline import LidRun, prepare_task, run_lid
 from verifier.search import SearchStep

@@ -34,12 +34,13 @@ import torch
 import yaml
 from torch import nn
 
-from verifier.bounds.ibp import margin_bounds, soft_margin_accuracy
+from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.margins import soft_margin_accuracy
 from verifier.certify import certify_samples, clopper_pearson_lower
 from verifier.data import load_dataset
 from verifier.domains.box import Box
 from verifier.graph import Graph
-from verifier.onnx_import import load_graph
+from verifier.onnx.importer import load_graph
 from verifier.pipeline import LidRun, prepare_task, run_lid
 from verifier.search import SearchStep
 from verifier.spec import load_spec

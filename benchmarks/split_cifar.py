@@ -59,7 +59,6 @@ from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import LinearHead
 from verifier.cl.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario, draw_pairs, split_pairs
 from verifier.cl.training import FirstTask, Strategy, TrainConfig, train_first_task
-from verifier.data.datasets import data_sha256
 from verifier.data.embeddings import (
     Encoder,
     Source,
@@ -69,8 +68,9 @@ from verifier.data.embeddings import (
     load_source,
     read_cache,
 )
-from verifier.domains.io import write_text_atomic
-from verifier.onnx_export import linear_head_model
+from verifier.data.samples import data_sha256
+from verifier.files import write_text_atomic
+from verifier.onnx.export import linear_head_model
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report

@@ -47,7 +47,7 @@ from verifier.data import load_dataset
 from verifier.domains import Box, Zonotope
 from verifier.domains.io import load_lid
 from verifier.graph import Graph
-from verifier.onnx_import import load_graph
+from verifier.onnx.importer import load_graph
 from verifier.pipeline import run_lid
 from verifier.spec import load_spec, parse_spec
 

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 
 from verifier.data.embeddings import embed_source, load_encoder, load_source, read_cache
-from verifier.onnx_export import linear_head_model
+from verifier.onnx.export import linear_head_model
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")

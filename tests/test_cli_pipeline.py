@@ -23,7 +23,8 @@ from click.testing import CliRunner, Result
 
 from verifier.cli import ExitCode, cli
 from verifier.domains import Box
-from verifier.domains.io import file_sha256, load_lid, save_lid
+from verifier.domains.io import load_lid, save_lid
+from verifier.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "onnx_models" / "digits_mlp.onnx"

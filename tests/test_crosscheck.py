@@ -20,16 +20,16 @@ from verifier.bounds.ibp import margin_bounds
 from verifier.crosscheck import CrosscheckConfig, FalsifierConfig, crosscheck_samples
 from verifier.crosscheck import run as crosscheck_run
 from verifier.crosscheck.chain import relu_chain
-from verifier.crosscheck.exact import (
+from verifier.crosscheck.exact import exact_margins
+from verifier.crosscheck.falsify import falsify_sample
+from verifier.crosscheck.milp import solve_reduced
+from verifier.crosscheck.problem import (
     ExactMargin,
     closed_form_margin,
-    exact_margins,
     hidden_bounds,
     margin_tolerance,
     reduce_problem,
 )
-from verifier.crosscheck.falsify import falsify_sample
-from verifier.crosscheck.milp import solve_reduced
 from verifier.crosscheck.smt import decide_nonlinear, decide_reduced, minimize_reduced
 from verifier.domains import Box
 from verifier.errors import BackendError, SoundnessError

@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 from verifier.cli import ExitCode, cli
 from verifier.crosscheck import run as crosscheck_run
 from verifier.domains import Box, Zonotope
-from verifier.domains.io import file_sha256, save_lid, tensors_sha256
-from verifier.onnx_import import load_graph
+from verifier.domains.io import save_lid, tensors_sha256
+from verifier.files import file_sha256
+from verifier.onnx.importer import load_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "onnx_models" / "digits_mlp.onnx"

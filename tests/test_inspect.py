@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 from verifier.cli import cli
 from verifier.data import load_dataset
 from verifier.graph import Activation, Conv, Elementwise, Graph, Linear, Pool, Reshape
-from verifier.inspection import inspect_model, render_inspection, summarise_graph
+from verifier.report.inspection import inspect_model, render_inspection, summarise_graph
 
 MODEL = Path(__file__).resolve().parents[1] / "onnx_models" / "digits_mlp.onnx"
 PARAMETERS = {

@@ -14,9 +14,10 @@ from torch import Tensor
 
 from tests.oracles import attack_margins, margins_of, sampled_worst_margins
 from tests.tiny_nets import box_around, random_cnn, random_mlp
-from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, logit_bounds, margin_bounds
+from verifier.bounds.ibp import logit_bounds, margin_bounds
 from verifier.bounds.lirpa import Method, lirpa_logit_bounds, lirpa_margin_bounds
 from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.errors import BackendError, DataError, DomainError
 from verifier.graph import AffineScale, Graph, Linear, Reshape
 

@@ -15,8 +15,8 @@ from onnx import TensorProto, numpy_helper
 from tests.model_zoo import EXPORT_WARNING_FILTERS, ZooModel, build_zoo
 from verifier.errors import DomainError
 from verifier.graph import Graph
-from verifier.onnx_export import linear_head_model, save_with_parameters
-from verifier.onnx_import import load_graph
+from verifier.onnx.export import linear_head_model, save_with_parameters
+from verifier.onnx.importer import load_graph
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in EXPORT_WARNING_FILTERS]
 

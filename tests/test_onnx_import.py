@@ -25,7 +25,7 @@ from tests.model_zoo import (
 )
 from verifier.errors import GraphError
 from verifier.graph import Conv, Elementwise, Graph, Linear, Pool, Reshape
-from verifier.onnx_import import load_graph
+from verifier.onnx.importer import load_graph
 
 pytestmark = [pytest.mark.filterwarnings(f) for f in EXPORT_WARNING_FILTERS]
 

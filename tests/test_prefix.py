@@ -24,7 +24,7 @@ from verifier.cli import ExitCode, cli
 from verifier.data import Dataset, validate_for_model
 from verifier.errors import GraphError, SpecError
 from verifier.graph import Graph, Linear
-from verifier.onnx_prefix import (
+from verifier.onnx.prefix import (
     PrefixedGraph,
     load_bounded_graph,
     load_split_model,

@@ -23,7 +23,7 @@ from PIL import Image
 from tests.test_cli_pipeline import MODEL, assert_bad_input, invoke, write_spec
 from verifier.cli import ExitCode
 from verifier.data.digits import digits_arrays
-from verifier.domains.io import file_sha256
+from verifier.files import file_sha256
 from verifier.report.browser import console_messages, find_chromium, screenshot
 from verifier.report.certificate import schema_errors
 

@@ -11,8 +11,8 @@ import torch
 from tests.test_cli_pipeline import MODEL, invoke, write_spec
 from verifier.cli import ExitCode
 from verifier.domains.io import load_lid
-from verifier.onnx_export import save_with_parameters
-from verifier.onnx_import import load_graph
+from verifier.onnx.export import save_with_parameters
+from verifier.onnx.importer import load_graph
 from verifier.report.certificate import schema_errors
 
 

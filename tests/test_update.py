@@ -30,11 +30,12 @@ from verifier.certify import certify_samples
 from verifier.cli import ExitCode, cli
 from verifier.data import load_dataset
 from verifier.domains import Box, Zonotope
-from verifier.domains.io import LidFile, file_sha256, load_lid, save_lid
+from verifier.domains.io import LidFile, load_lid, save_lid
 from verifier.errors import DataError, DomainError
+from verifier.files import file_sha256
 from verifier.graph import Graph
-from verifier.onnx_export import save_with_parameters
-from verifier.onnx_import import load_graph
+from verifier.onnx.export import save_with_parameters
+from verifier.onnx.importer import load_graph
 from verifier.pipeline import prepare_task
 from verifier.spec import load_spec
 from verifier.update import (

@@ -36,7 +36,7 @@ from verifier.cli import ExitCode
 from verifier.data.digits import digits_arrays
 from verifier.domains import Box, Zonotope
 from verifier.domains.io import load_lid, save_lid
-from verifier.onnx_prefix import PrefixedGraph, load_split_model
+from verifier.onnx.prefix import PrefixedGraph, load_split_model
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ from verifier.domains.io import load_lid, save_lid
 from verifier.errors import DomainError, GraphError, SpecError
 from verifier.graph import Graph
 from verifier.search import SearchTask, hard_metrics
-from verifier.search_zonotope import lookahead_directions, search_zonotope_lid
+from verifier.search.generators import lookahead_directions
+from verifier.search.zonotope import search_zonotope_lid
 from verifier.spec import SearchSection, ZonotopeSection, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,17 +3,38 @@
 The public entry points are `load_model` (an ONNX classifier as a callable graph) and
 `load_lid` (a LID file). Importing the package has no side effects: no logging handlers, no warning
 filters, no patches.
+
+The package is layered (`LAYERS`, lowest first): a module imports only from its own package or
+module and from packages of lower layers, never from a sibling of its own layer or from above, so
+there are no import cycles (imports under `TYPE_CHECKING` aside). `tests/test_layers.py` keeps it
+so. This root module is the public facade above every layer; nothing inside the package imports it.
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from verifier.domains.io import LidFile
     from verifier.graph import Graph
+
+LAYERS: Final[tuple[tuple[str, ...], ...]] = (
+    ("errors", "rounding", "files"),  # errors; floating-point error bounds; atomic writes, hashes
+    ("graph",),  # the typed op graph every engine walks
+    ("data",),  # data sets, encoders, feature caches
+    ("onnx", "domains", "spec"),  # ONNX in/out; Box and Zonotope; spec files
+    ("bounds",),  # IBP, zonotope, auto_LiRPA bounds
+    ("certify",),  # certified samples, Clopper-Pearson / Hoeffding
+    ("search",),  # primal-dual LID search
+    ("update", "crosscheck"),  # projection and safe training; falsifiers and exact solvers
+    ("report", "cl"),  # certificate JSON and HTML; continual-learning experiments
+    ("pipeline",),  # spec -> LID -> certificate -> report
+    ("verification",),  # recompute a run's certificate from its artifacts
+    ("cli",),  # click commands
+)
+"""The layer order of the package's modules and subpackages, lowest first (module docstring)."""
 
 try:
     __version__ = version("lid-verifier")
@@ -34,7 +55,7 @@ def load_model(path: str | Path) -> Graph:
     Raises:
         GraphError: the file is missing, malformed or uses unsupported ops.
     """
-    from verifier.onnx_import import load_graph
+    from verifier.onnx.importer import load_graph
 
     return load_graph(Path(path))
 

@@ -24,7 +24,8 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from verifier.bounds.ibp import MarginBounds, combine_margin_bounds, margin_bounds
+from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.bounds.zonotope import zonotope_margin_bounds
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope

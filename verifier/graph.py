@@ -1,6 +1,6 @@
 """The small typed op graph that every bound method walks.
 
-An ONNX classifier is mapped (by `verifier.onnx_import`) onto a *chain* of ops: each op takes
+An ONNX classifier is mapped (by `verifier.onnx.importer`) onto a *chain* of ops: each op takes
 the single tensor the previous op produced. Parameters (weights and biases of the affine ops)
 stay in the layout of their ONNX initializer and keep its name; that name is how domains, spec
 files and LID files refer to them. Tensors carry a leading batch dimension; the per-sample
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from verifier.data.samples import Dataset
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,6 +170,12 @@ class Graph:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.forward(x)
+
+    def prepare_data(self, data: Dataset) -> Dataset:
+        """The samples as this graph's input takes them: unchanged here. A graph cut from a
+        larger model (`verifier.onnx.prefix.PrefixedGraph`) maps raw samples through its frozen
+        prefix; `verifier.data.validate_for_model` calls this first."""
+        return data
 
 
 def _cast(t: Tensor, like: Tensor) -> Tensor:

@@ -15,13 +15,13 @@ import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-import verifier
 from verifier.certify import (
     CertMethod,
     TaskCertificate,
@@ -32,18 +32,12 @@ from verifier.certify import (
 )
 from verifier.data import Dataset, data_sha256, load_dataset, validate_for_model
 from verifier.domains.box import Box
-from verifier.domains.io import (
-    check_lid_matches,
-    file_sha256,
-    load_lid,
-    save_lid,
-    tensors_sha256,
-    write_text_atomic,
-)
+from verifier.domains.io import check_lid_matches, load_lid, save_lid, tensors_sha256
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, SpecError
+from verifier.files import file_sha256, write_text_atomic
 from verifier.graph import Graph
-from verifier.onnx_prefix import load_bounded_graph, prefix_progress
+from verifier.onnx.prefix import load_bounded_graph, prefix_progress
 from verifier.report.certificate import build_certificate
 from verifier.search import (
     SearchResult,
@@ -54,8 +48,8 @@ from verifier.search import (
     search_lid,
     si_importance,
 )
-from verifier.sequence import check_inside, load_outer
 from verifier.spec import DataSection, Spec, TaskSection, spec_hash
+from verifier.update.sequence import check_inside, load_outer
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,12 +200,20 @@ def _frozen_masks(spec: Spec, graph: Graph, names: list[str]) -> dict[str, Tenso
     return frozen_by_importance(scores, importance.fraction)
 
 
+def _own_version() -> str:
+    # as `verifier.__version__`; read here because nothing inside the package imports its root
+    try:
+        return metadata.version("lid-verifier")
+    except metadata.PackageNotFoundError:  # running from a source tree without installing
+        return "0+unknown"
+
+
 def software_versions() -> dict[str, str]:
     """Versions recorded in certificates."""
     import onnx
 
     versions = {
-        "lid-verifier": verifier.__version__,
+        "lid-verifier": _own_version(),
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "python": platform.python_version(),
@@ -282,7 +284,7 @@ def run_lid(
     phase(f"searching a {spec.domain} over {n_searched} parameters")
     domain: Box | Zonotope
     if spec.domain == "zonotope":
-        from verifier.search_zonotope import search_zonotope_lid
+        from verifier.search.zonotope import search_zonotope_lid
 
         ahead = spec.search.importance.lookahead
         lookahead = None

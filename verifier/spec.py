@@ -121,7 +121,7 @@ class SearchSection(_Section):
 
 class ZonotopeSection(_Section):
     """The zonotope domain (`domain: zonotope`): a box plus k generators shared by all
-    parameters, searched with the same primal-dual scheme (verifier/search_zonotope.py).
+    parameters, searched with the same primal-dual scheme (verifier/search/zonotope.py).
 
     Size maximised: with w the box-part widths and p the free entries, `search.size`
     mean_width gives S = (Σ_i w_i + 2 γ Σ_k ||G_k||) / p and mean_log_width gives

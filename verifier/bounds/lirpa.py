@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from verifier.bounds.ibp import mask_true_class
 from verifier.bounds.intervals import Interval
 from verifier.bounds.lirpa_compat import apply_lirpa_compat, onnx_opset_restored
+from verifier.bounds.margins import mask_true_class
 from verifier.errors import BackendError, DataError, DomainError
 from verifier.graph import (
     Activation,

@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verifier.bounds.ibp import MarginBounds, margin_bounds, propagate
-from verifier.bounds.rounding import UNIT_ROUNDOFF_64
+from verifier.bounds.ibp import margin_bounds, propagate
+from verifier.bounds.margins import MarginBounds
 from verifier.cl.heads import head_graph, head_names, head_op
 from verifier.domains.box import Box
 from verifier.errors import InputError
 from verifier.graph import Graph
+from verifier.rounding import UNIT_ROUNDOFF_64
 
 FEATURE_TERM_INFLATION = 1.0 + 1e-6
 

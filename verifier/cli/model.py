@@ -22,7 +22,7 @@ def inspect(
     model_path: Path, data_ref: str | None, split: str, data_dir: Path | None, as_json: bool
 ) -> None:
     """Show the op graph and parameters of MODEL_PATH and, with --data, its clean accuracy."""
-    from verifier.inspection import inspect_model, render_inspection
+    from verifier.report.inspection import inspect_model, render_inspection
 
     summary = inspect_model(model_path, data_ref=data_ref, split=split, data_dir=data_dir)
     if as_json:

@@ -67,7 +67,7 @@ def verify(ctx: click.Context, out_dir: Path, model_path: Path | None, as_json: 
     Exit 0 when every recomputed number and hash matches certificate.json, 1 on any mismatch
     (each reported with its file, field, recomputed and recorded value), 2 on bad input.
     """
-    from verifier.report.verify import verify_artifacts
+    from verifier.verification import verify_artifacts
 
     result = verify_artifacts(
         out_dir, model_path=model_path, on_phase=lambda m: click.echo(m, err=True)

@@ -5,8 +5,9 @@ z3 is imported only in `verifier.crosscheck.smt`, and only when an SMT function 
 """
 
 from verifier.crosscheck.document import CrosscheckReport, run_crosscheck, write_crosscheck
-from verifier.crosscheck.exact import ExactMargin, exact_margins
+from verifier.crosscheck.exact import exact_margins
 from verifier.crosscheck.falsify import Falsification, FalsifierConfig, falsify_sample
+from verifier.crosscheck.problem import ExactMargin
 from verifier.crosscheck.run import CrosscheckConfig, CrosscheckResult, crosscheck_samples
 
 __all__ = [

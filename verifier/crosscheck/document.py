@@ -14,6 +14,7 @@ numbers are written as null.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -33,16 +34,10 @@ from verifier.crosscheck.run import (
     describe_violation,
 )
 from verifier.data import load_dataset, validate_for_model
-from verifier.domains.io import (
-    check_lid_matches,
-    file_sha256,
-    load_lid,
-    tensors_sha256,
-    write_atomic,
-    write_text_atomic,
-)
+from verifier.domains.io import check_lid_matches, load_lid, tensors_sha256
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError
+from verifier.files import file_sha256, write_atomic, write_text_atomic
 from verifier.graph import Graph
 
 SCHEMA_VERSION = "1"
@@ -157,7 +152,7 @@ def run_crosscheck(
         GraphError, DomainError, DataError: bad model, LID (missing, malformed, made for
             another model, or a zonotope) or data (missing, wrong shape or labels).
     """
-    from verifier.onnx_prefix import load_bounded_graph
+    from verifier.onnx.prefix import load_bounded_graph
 
     config = config or CrosscheckConfig()
     lid = load_lid(lid_path)
@@ -233,6 +228,10 @@ def write_crosscheck(out_dir: Path, report: CrosscheckReport) -> list[Path]:
                 for n, t in margin.witness.items()
             }
             metadata = {"message": describe_violation(sample, margin)}
-            write_atomic(target, lambda p, t=tensors, m=metadata: save_file(t, str(p), metadata=m))
+            write_atomic(target, functools.partial(_save_witness, tensors, metadata))
             written.append(target)
     return written
+
+
+def _save_witness(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    save_file(tensors, str(path), metadata=metadata)

@@ -34,7 +34,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_array
 
-from verifier.crosscheck.exact import ExactMargin, ReducedProblem, margin_tolerance, witness
+from verifier.crosscheck.problem import ExactMargin, ReducedProblem, margin_tolerance, witness
 
 _log = logging.getLogger(__name__)
 

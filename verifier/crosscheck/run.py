@@ -35,8 +35,9 @@ from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
 from verifier.crosscheck.chain import relu_chain
-from verifier.crosscheck.exact import ExactChoice, ExactMargin, exact_margins, margin_tolerance
+from verifier.crosscheck.exact import exact_margins
 from verifier.crosscheck.falsify import FalsifierConfig, falsify_sample
+from verifier.crosscheck.problem import ExactChoice, ExactMargin, margin_tolerance
 from verifier.domains.box import Box
 from verifier.errors import BackendError, DataError, SoundnessError
 from verifier.graph import Graph, Linear

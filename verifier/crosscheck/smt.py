@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from verifier.crosscheck.chain import IntervalLayer, ReluChain, relu_chain
-from verifier.crosscheck.exact import ExactMargin, ReducedProblem, witness
+from verifier.crosscheck.problem import ExactMargin, ReducedProblem, witness
 from verifier.domains.box import Box
 from verifier.errors import BackendError
 from verifier.graph import Graph, Linear

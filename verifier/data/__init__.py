@@ -6,14 +6,9 @@ set against a model's input shape and classes. Text corpora (`load_text_corpus`)
 strings and labels for the embedding step.
 """
 
-from verifier.data.datasets import (
-    BUILTIN_DATASETS,
-    Dataset,
-    data_sha256,
-    load_dataset,
-    validate_for_model,
-)
+from verifier.data.datasets import BUILTIN_DATASETS, load_dataset, validate_for_model
 from verifier.data.locations import default_cache_dir, default_data_dir
+from verifier.data.samples import Dataset, data_sha256
 from verifier.data.text import TEXT_CORPORA, TextCorpus, load_text_corpus
 
 __all__ = [

@@ -21,8 +21,9 @@ from typing import Final
 
 import numpy as np
 
-from verifier.data.locations import file_sha256, require_file, save_npy_atomic
+from verifier.data.locations import require_file
 from verifier.errors import DataError
+from verifier.files import file_sha256, save_npy_atomic
 
 logger = logging.getLogger(__name__)
 

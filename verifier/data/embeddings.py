@@ -26,9 +26,7 @@ the cache and never computes.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -37,8 +35,11 @@ from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 
-from verifier.data.locations import default_cache_dir
+from verifier.data.cifar import cifar10_arrays
+from verifier.data.locations import default_cache_dir, default_data_dir
+from verifier.data.samples import Dataset
 from verifier.errors import DataError
+from verifier.files import save_npz_atomic
 
 OnBatch = Callable[[int, int], None]
 """Progress of an embedding run: called with (items done, items in all)."""
@@ -239,9 +240,9 @@ def load_source(name: str, split: str, data_dir: Path | None = None) -> Source:
         DataError: unknown source or split, missing files.
     """
     if name == "cifar10":
-        from verifier.data.datasets import load_dataset
-
-        images = load_dataset("cifar10", split=split, data_dir=data_dir)
+        folder = default_data_dir() if data_dir is None else Path(data_dir)
+        x, y = cifar10_arrays(folder, split, default_cache_dir())
+        images = Dataset.from_arrays("cifar10", split, x, y, 10)
         return Source(
             name,
             split,
@@ -356,19 +357,6 @@ def read_cache(path: Path, source_sha256: str, identity: str) -> tuple[np.ndarra
             "and embed again"
         )
     return arrays["x"], arrays["y"], int(arrays["n_classes"])
-
-
-def save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write an uncompressed .npz via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, allow_pickle=False, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def split_ref(ref: str) -> tuple[str, str]:

@@ -8,12 +8,8 @@ are slow to rebuild (CIFAR-10's JPEGs) are cached under `LID_CACHE_DIR`, else
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from pathlib import Path
-
-import numpy as np
 
 from verifier.errors import DataError
 
@@ -64,29 +60,3 @@ def require_file(data_dir: Path, relative: str, *, data_name: str) -> Path:
             f"{data_dir}; point LID_DATA_DIR or --data-dir at the folder that holds {relative})"
         )
     return path
-
-
-def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    """Write `array` to `path` as .npy via a temporary file in the same folder and a rename.
-
-    A reader therefore sees either no file or the complete one, even when two processes fill
-    the same cache at once.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from torch import Tensor
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError
+from verifier.files import write_atomic
 
 SCHEMA_VERSION = "1"
 
@@ -80,37 +79,6 @@ def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         digest.update(t.numpy().tobytes())
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, write: object) -> None:
-    """Call write(tmp_path) on a temporary file in path's folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))  # type: ignore[operator]
-        # mkstemp creates the file 0600; give it the mode a plain open() would (umask applies)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file + rename)."""
-    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def save_lid(path: Path, box: Box | Zonotope, metadata: Mapping[str, str]) -> None:

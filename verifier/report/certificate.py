@@ -20,8 +20,8 @@ import torch
 
 from verifier.certify import TaskCertificate
 from verifier.domains.box import Box, width_summary
-from verifier.domains.io import file_sha256, write_text_atomic
 from verifier.domains.zonotope import Zonotope
+from verifier.files import file_sha256, write_text_atomic
 from verifier.report.artifacts import (
     CERTIFICATE_FILE,
     CROSSCHECK_FILE,

@@ -56,7 +56,7 @@ def stored_tensors(model: onnx.ModelProto, *, source: Path | str) -> dict[str, S
 
     Returns:
         Exact float64 copies with their storage dtypes; an initializer wins over a Constant
-        output of the same name, as in `verifier.onnx_export`.
+        output of the same name, as in `verifier.onnx.export`.
 
     Raises:
         GraphError: a floating-point constant holds NaN or Inf.

@@ -26,11 +26,12 @@ import torch
 
 from verifier.data import Dataset, validate_for_model
 from verifier.domains.box import Box
-from verifier.domains.io import LidFile, check_lid_matches, file_sha256, load_lid
+from verifier.domains.io import LidFile, check_lid_matches, load_lid
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, DomainError, GraphError, SoundnessError
-from verifier.onnx_export import save_with_parameters
-from verifier.onnx_import import check_model, load_graph, read_model
+from verifier.files import file_sha256
+from verifier.onnx.export import save_with_parameters
+from verifier.onnx.importer import check_model, load_graph, read_model
 from verifier.update.compatibility import StoredTensor, stored_tensors, structure_difference
 from verifier.update.projection import Projection, project_parameters, representable_box
 from verifier.update.selection import Rule, Selection, cross_entropy, select_lid

@@ -91,7 +91,7 @@ class TrainableGraph(nn.Module):
         `verifier lid`) a projected module stays in the LID exactly. Run `verifier project` on
         the result for the float64 membership check and the certificate.
         """
-        from verifier.onnx_export import save_with_parameters
+        from verifier.onnx.export import save_with_parameters
 
         save_with_parameters(Path(source), self.theta(), Path(out))
 

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from verifier.domains.box import Box
-from verifier.domains.io import check_lid_matches, file_sha256, load_lid
+from verifier.domains.io import check_lid_matches, load_lid
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DomainError, SoundnessError, VerifierError
+from verifier.files import file_sha256
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,7 +137,7 @@ def _fixed_parameters_unchanged(
         return False, f"cannot read the earlier model's path from {certificate}"
     if not model_path.is_file() or file_sha256(model_path) != metadata.get("model_sha256"):
         return False, f"the earlier model {model_path} is missing or changed"
-    from verifier.onnx_import import load_graph
+    from verifier.onnx.importer import load_graph
 
     try:
         earlier = load_graph(model_path).parameters

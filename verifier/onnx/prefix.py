@@ -9,7 +9,7 @@ cut there:
 - the **frozen prefix** is every node the cut tensor depends on. It runs in onnxruntime, so it
   may use any op; it must have one graph input, fed from the data set's samples;
 - the **suffix** is every node that depends on the cut tensor. It is parsed by
-  `verifier.onnx_import` into a `Graph` whose input is the cut tensor, so it must be a chain the
+  `verifier.onnx.importer` into a `Graph` whose input is the cut tensor, so it must be a chain the
   bound engine supports, and it may read nothing else computed before the cut.
 
 `load_split_model` returns a `PrefixedGraph`: the suffix `Graph` (what search, bounds and
@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import numpy as np
 import onnx
@@ -36,14 +36,12 @@ import torch
 from onnx import NodeProto, TensorProto
 from torch import Tensor
 
+from verifier.data.samples import Dataset
 from verifier.errors import DataError, GraphError
 from verifier.graph import Graph
-from verifier.onnx_constants import SHAPE_SOURCES, constant_roots
-from verifier.onnx_import import SUPPORTED_OPS, graph_from_model, load_graph
-from verifier.onnx_reading import load_checked_model, one_line
-
-if TYPE_CHECKING:
-    from verifier.data import Dataset
+from verifier.onnx.folding import SHAPE_SOURCES, constant_roots
+from verifier.onnx.importer import SUPPORTED_OPS, graph_from_model, load_graph
+from verifier.onnx.reading import load_checked_model, one_line
 
 OnBatch = Callable[[int, int], None]
 """Progress of a feature computation: called with (samples done, samples in all)."""
@@ -193,8 +191,6 @@ class FrozenPrefix:
         Raises:
             DataError: the samples do not fit the prefix input, or the prefix output is bad.
         """
-        from verifier.data import Dataset
-
         x = data.x
         if not self.accepts(data.sample_shape):
             wanted = tuple("?" if d is None else d for d in self.input_shape)

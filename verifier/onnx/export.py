@@ -20,7 +20,7 @@ from onnx import AttributeProto, TensorProto, helper, numpy_helper
 from torch import Tensor
 
 from verifier.errors import DomainError
-from verifier.onnx_import import check_model, read_model
+from verifier.onnx.importer import check_model, read_model
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
 

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from verifier.domains.box import Box
-from verifier.domains.io import check_lid_matches, file_sha256, load_lid, tensors_sha256
+from verifier.domains.io import check_lid_matches, load_lid, tensors_sha256
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import InputError
+from verifier.files import file_sha256
+from verifier.pipeline import certify_prepared, prepare_task, software_versions
 from verifier.report.artifacts import (
     CERTIFICATE_FILE,
     CROSSCHECK_FILE,
@@ -238,7 +240,7 @@ class _Verifier:
         return spec
 
     def model(self, override: Path | None, spec: Any) -> tuple[Any, str] | None:
-        from verifier.onnx_prefix import load_bounded_graph
+        from verifier.onnx.prefix import load_bounded_graph
 
         recorded = Path(self.doc["model"]["path"])
         path = override or recorded
@@ -332,8 +334,6 @@ class _Verifier:
         return lid
 
     def tasks(self, spec: Any, graph: Any, lid: Any) -> list[Any] | None:
-        from verifier.pipeline import certify_prepared, prepare_task
-
         recorded = self.doc["tasks"]
         if len(recorded) != len(spec.tasks):
             self.result.add(
@@ -506,8 +506,6 @@ class _Verifier:
         )
 
     def recorded_facts(self) -> None:
-        from verifier.pipeline import software_versions
-
         current = {**software_versions(), **software_extras()}
         for name, version in self.doc["software"].items():
             now = current.get(name)

@@ -21,7 +21,7 @@ from onnx import GraphProto, NodeProto, TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from verifier.errors import GraphError
-from verifier.onnx_reading import node_attributes, one_line
+from verifier.onnx.reading import node_attributes, one_line
 
 SHAPE_SOURCES: Final = frozenset({"Shape", "Size"})
 RANDOM_OPS: Final = frozenset(

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from verifier import load_model
 from verifier.data import Dataset, load_dataset, validate_for_model
-from verifier.data.locations import file_sha256
 from verifier.errors import GraphError
+from verifier.files import file_sha256
 from verifier.graph import (
     Activation,
     Conv,
@@ -25,6 +24,7 @@ from verifier.graph import (
     Reshape,
     apply_op,
 )
+from verifier.onnx.importer import load_graph
 
 DEFAULT_BATCH_SIZE = 1024
 
@@ -175,7 +175,7 @@ def inspect_model(
     path = Path(model_path)
     if not path.is_file():
         raise GraphError(f"{path}: model file not found; expected an .onnx file")
-    graph = load_model(path)
+    graph = load_graph(path)
     summary: dict[str, Any] = {
         "model_path": str(path),
         "model_sha256": file_sha256(path),

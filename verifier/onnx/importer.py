@@ -12,7 +12,7 @@ Choices worth knowing:
   reach its node through Identity, Cast or a 2-D Transpose (a Transpose flips the Linear layout).
   They are float32 torch tensors: a float16, bfloat16 or float64 initializer is converted to
   float32 and a `UserWarning` says so, because the bound engine works in float32 (search) and
-  float64 (proofs) and a float32 copy keeps the search cheap; `verifier.onnx_export` writes
+  float64 (proofs) and a float32 copy keeps the search cheap; `verifier.onnx.export` writes
   values back in the initializer's own dtype.
 - **Constants** (normalisation, folded BatchNormalization, Gemm alpha/beta, biases computed from
   constants) are float64 tensors: exact for float32 sources and never a parameter. An initializer
@@ -27,9 +27,9 @@ Choices worth knowing:
   several inputs or outputs, Pad, Transpose of computed tensors, 1-D/3-D conv and pooling, dilated
   average pooling, quantised (integer) weights, non-default domains.
 
-Reading and checking the file live in `verifier.onnx_reading`, constant folding in
-`verifier.onnx_constants`, reshape arithmetic in `verifier.onnx_shapes`; cutting a larger model
-at its first boxed parameter (a frozen prefix run by onnxruntime) in `verifier.onnx_prefix`.
+Reading and checking the file live in `verifier.onnx.reading`, constant folding in
+`verifier.onnx.folding`, reshape arithmetic in `verifier.onnx.shapes`; cutting a larger model
+at its first boxed parameter (a frozen prefix run by onnxruntime) in `verifier.onnx.prefix`.
 """
 
 from __future__ import annotations
@@ -37,21 +37,16 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import NodeProto, TensorProto
+from onnx import NodeProto
 
 from verifier.errors import GraphError
 from verifier.graph import (
     Activation,
-    AffineScale,
-    Conv,
-    Elementwise,
     Graph,
     Linear,
     Op,
@@ -59,34 +54,35 @@ from verifier.graph import (
     Reshape,
     apply_op,
 )
-from verifier.onnx_constants import SHAPE_SOURCES, ConstantFolder
-from verifier.onnx_reading import (
+from verifier.onnx.converters import (
+    ACTIVATIONS,
+    ELEMENTWISE,
+    FLOAT_TYPES,
+    POOLS,
+    RESHAPES,
+    SUPPORTED_OPS,
+    affine_scale,
+    batchnorm_ops,
+    bias_parameter,
+    check_pass_through,
+    conv_op,
+    elementwise_op,
+    gemm_op,
+    pool_op,
+    weight_parameter,
+)
+from verifier.onnx.folding import SHAPE_SOURCES, ConstantFolder
+from verifier.onnx.reading import (
     check_model,
     load_checked_model,
     node_attributes,
     one_line,
     read_model,
 )
-from verifier.onnx_shapes import reshape_rule
+from verifier.onnx.shapes import reshape_rule
 
 __all__ = ["SUPPORTED_OPS", "check_model", "graph_from_model", "load_graph", "read_model"]
 
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-_ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
-_ELEMENTWISE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
-_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
-_POOLS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"}
-_PASS_THROUGH = {"Identity", "Dropout", "Cast"}
-_SUPPORTED = (
-    {"Gemm", "MatMul", "Conv", "BatchNormalization"}
-    | set(_ACTIVATIONS)
-    | set(_ELEMENTWISE)
-    | _RESHAPES
-    | _POOLS
-    | _PASS_THROUGH
-)
-SUPPORTED_OPS = frozenset(_SUPPORTED)
-"""ONNX op types (default domain) that map onto the bound engine's ops."""
 _CUT_HINT = (
     ' (or box only parameters after it, e.g. `parameters: ["head.*"]` in the spec, so that '
     "the part before them runs frozen in onnxruntime)"
@@ -128,7 +124,7 @@ def graph_from_model(model: onnx.ModelProto, path: Path, *, stacklevel: int = 2)
     Raises:
         GraphError: as `load_graph`.
     """
-    builder = _ChainBuilder(path, model)
+    builder = ChainBuilder(path, model)
     graph = builder.build()
     for note in builder.notes:
         warnings.warn(note, stacklevel=stacklevel)
@@ -139,7 +135,7 @@ def _prod(dims: Iterable[int]) -> int:
     return math.prod(dims)
 
 
-class _ChainBuilder:
+class ChainBuilder:
     """State of one `load_graph` call: constants, producers, consumers and the chain walk."""
 
     def __init__(self, path: Path, model: onnx.ModelProto) -> None:
@@ -216,7 +212,7 @@ class _ChainBuilder:
         value = inputs[0]
         what = f"{self.path}: input '{value.name}'"
         ttype = value.type.tensor_type
-        if not value.type.HasField("tensor_type") or ttype.elem_type not in _FLOAT_TYPES:
+        if not value.type.HasField("tensor_type") or ttype.elem_type not in FLOAT_TYPES:
             raise GraphError(f"{what}: must be a floating-point tensor")
         if not ttype.HasField("shape") or len(ttype.shape.dim) < 2:
             raise GraphError(
@@ -273,7 +269,7 @@ class _ChainBuilder:
                 dynamic and all(i in self.shape_tensors for i in dynamic)
             ):
                 self.shape_tensors.update(o for o in node.output if o)
-            elif node.op_type not in _SUPPORTED:
+            elif node.op_type not in SUPPORTED_OPS:
                 raise self.fail(node, self._unsupported(node))
 
     def _unsupported(self, node: NodeProto) -> str:
@@ -288,13 +284,13 @@ class _ChainBuilder:
         hint = _HINTS.get(node.op_type, "rewrite the model with supported ops")
         return f"{what}; {hint}{_CUT_HINT}"
 
-    def _constant(self, node: NodeProto, name: str) -> np.ndarray:
+    def constant(self, node: NodeProto, name: str) -> np.ndarray:
         """A constant used as a constant (not a parameter); remember where it came from."""
         for root in self.roots.get(name, frozenset()):
             self.constant_roots.setdefault(root, self.names[id(node)])
         return self.constants[name]
 
-    def _parameter(self, node: NodeProto, name: str, role: str) -> tuple[str, bool]:
+    def parameter(self, node: NodeProto, name: str, role: str) -> tuple[str, bool]:
         """Register the initializer behind input `name` of `node` as a parameter."""
         if name not in self.sources:
             raise self.fail(
@@ -397,25 +393,25 @@ class _ChainBuilder:
         name = self.names[id(node)]
         if op == "MatMul":
             return self._matmul(node, index, shape, output)
-        if index != 0 and op not in _ELEMENTWISE:
+        if index != 0 and op not in ELEMENTWISE:
             raise self.fail(node, f"takes '{cur}' as input {index}; it must be input 0")
         if op == "Gemm":
-            return [self._gemm(node, shape)], node.output[0]
+            return [gemm_op(self, node, shape)], node.output[0]
         if op == "Conv":
-            return [self._conv(node, shape)], node.output[0]
+            return [conv_op(self, node, shape)], node.output[0]
         if op == "BatchNormalization":
-            return self._batchnorm(node, shape, ops), node.output[0]
-        if op in _ACTIVATIONS:
-            return [Activation(name, _ACTIVATIONS[op])], node.output[0]  # type: ignore[arg-type]
-        if op in _ELEMENTWISE:
-            return [self._elementwise(node, index, shape)], node.output[0]
-        if op in _RESHAPES:
+            return batchnorm_ops(self, node, shape, ops), node.output[0]
+        if op in ACTIVATIONS:
+            return [Activation(name, ACTIVATIONS[op])], node.output[0]  # type: ignore[arg-type]
+        if op in ELEMENTWISE:
+            return [elementwise_op(self, node, index, shape)], node.output[0]
+        if op in RESHAPES:
             new_shape = self._reshaped(node, shape)
             ops_out = [] if new_shape == shape else [Reshape(name, new_shape)]
             return ops_out, node.output[0]  # type: ignore[return-value]
-        if op in _POOLS:
-            return [self._pool(node, shape)], node.output[0]
-        self._pass_through(node)
+        if op in POOLS:
+            return [pool_op(self, node, shape)], node.output[0]
+        check_pass_through(self, node)
         return [], node.output[0]
 
     def _probe(self, node: NodeProto, op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -460,43 +456,6 @@ class _ChainBuilder:
                 )
 
     # ----------------------------------------------------------------- affine ops
-    def _weight(self, node: NodeProto, name: str, role: str = "weight") -> tuple[str, bool]:
-        if name not in self.constants:
-            raise self.fail(node, f"its {role} '{name}' is computed, not a constant")
-        return self._parameter(node, name, role)
-
-    def _bias(self, node: NodeProto, name: str, n_out: int) -> tuple[str | None, np.ndarray | None]:
-        """A bias of n_out values from an initializer is a parameter; else a constant shift.
-
-        Returns (parameter name, None) or (None, shift of shape (n_out,)).
-        """
-        value = self.constants[name]
-        per_output = value.size == n_out and value.shape[-1:] == (n_out,)
-        source = self.sources.get(name)
-        if per_output and value.ndim <= 2 and source is not None and not source[1]:
-            return self._parameter(node, name, "bias")[0], None
-        if not per_output and value.size != 1:
-            raise self.fail(node, f"its bias '{name}' has shape {value.shape}; expected ({n_out},)")
-        constant = self._constant(node, name).astype(np.float64)
-        return None, np.broadcast_to(constant.reshape(-1), (n_out,)).copy()
-
-    def _gemm(self, node: NodeProto, shape: tuple[int, ...]) -> Linear:
-        attrs = node_attributes(node)
-        if attrs.get("transA", 0):
-            raise self.fail(node, "transA=1 is not supported; export x @ W with transA=0")
-        if len(shape) != 1:
-            raise self.fail(node, f"input per-sample shape {shape} is not a vector")
-        source, transposed = self._weight(node, node.input[1])
-        trans_b = bool(attrs.get("transB", 0))
-        layout = "out_in" if trans_b != transposed else "in_out"
-        effective = self.constants[node.input[1]]
-        n_out = effective.shape[0] if trans_b else effective.shape[1]
-        bias, shift = None, None
-        if len(node.input) > 2 and node.input[2]:
-            bias, shift = self._bias(node, node.input[2], n_out)
-        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-        scale = _scale(n_out, alpha, beta, None if shift is None else beta * shift)
-        return Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
 
     def _matmul(
         self, node: NodeProto, index: int, shape: tuple[int, ...], output: str
@@ -505,7 +464,7 @@ class _ChainBuilder:
             raise self.fail(node, "the computed tensor must be the left operand (x @ W)")
         if self.constants.get(node.input[1], np.zeros(0)).ndim != 2:
             raise self.fail(node, f"its right operand '{node.input[1]}' must be a 2-D constant")
-        source, transposed = self._weight(node, node.input[1])
+        source, transposed = weight_parameter(self, node, node.input[1])
         n_out = self.constants[node.input[1]].shape[1]
         layout = "out_in" if transposed else "in_out"
         out = node.output[0]
@@ -519,8 +478,8 @@ class _ChainBuilder:
                 if value.ndim <= len(shape) + 1:
                     self._check_inputs(add, out)
                     self.visited.add(id(add))
-                    bias, shift = self._bias(add, others[0], n_out)
-                    scale = _scale(n_out, 1.0, 1.0, shift)
+                    bias, shift = bias_parameter(self, add, others[0], n_out)
+                    scale = affine_scale(n_out, 1.0, 1.0, shift)
                     out = add.output[0]
         op = Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
         return [op], out
@@ -528,150 +487,7 @@ class _ChainBuilder:
     def _shape_users(self, tensor: str) -> bool:
         return any(n.op_type in SHAPE_SOURCES for n, _ in self.consumers.get(tensor, []))
 
-    def _conv(self, node: NodeProto, shape: tuple[int, ...]) -> Conv:
-        attrs = node_attributes(node)
-        if len(shape) != 3:
-            raise self.fail(node, f"only 2-D convolution (NCHW) is supported; input {shape}")
-        source, transposed = self._weight(node, node.input[1])
-        weight = self.constants[node.input[1]]
-        if transposed or weight.ndim != 4:
-            raise self.fail(node, "its weight must be a 4-D initializer in ONNX layout")
-        kernel = tuple(weight.shape[2:])
-        if tuple(attrs.get("kernel_shape", kernel)) != kernel:
-            raise self.fail(node, "kernel_shape does not match the weight")
-        strides = tuple(attrs.get("strides", (1, 1)))
-        dilations = tuple(attrs.get("dilations", (1, 1)))
-        pads = self._pads(node, attrs, shape[1:], kernel, strides, dilations)
-        bias, shift = None, None
-        if len(node.input) > 2 and node.input[2]:
-            bias, shift = self._bias(node, node.input[2], weight.shape[0])
-        return Conv(
-            self.names[id(node)],
-            source,
-            bias,
-            strides,  # type: ignore[arg-type]
-            pads,
-            dilations,  # type: ignore[arg-type]
-            int(attrs.get("group", 1)),
-            _scale(weight.shape[0], 1.0, 1.0, shift),
-        )
-
-    def _pads(
-        self,
-        node: NodeProto,
-        attrs: dict[str, Any],
-        spatial: tuple[int, ...],
-        kernel: tuple[int, ...],
-        strides: tuple[int, ...],
-        dilations: tuple[int, ...],
-    ) -> tuple[int, int, int, int]:
-        """ONNX pads (top, left, bottom, right), resolving auto_pad SAME_* and VALID."""
-        auto_pad = attrs.get("auto_pad", "NOTSET") or "NOTSET"
-        if len(kernel) != 2:
-            raise self.fail(node, "only 2-D kernels are supported")
-        if auto_pad == "NOTSET":
-            pads = tuple(int(p) for p in attrs.get("pads", (0, 0, 0, 0)))
-            return pads  # type: ignore[return-value]
-        if auto_pad == "VALID":
-            return (0, 0, 0, 0)
-        if auto_pad not in ("SAME_UPPER", "SAME_LOWER"):
-            raise self.fail(node, f"auto_pad '{auto_pad}' is not supported")
-        begin, end = [], []
-        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
-            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            small, large = total // 2, total - total // 2
-            begin.append(small if auto_pad == "SAME_UPPER" else large)
-            end.append(large if auto_pad == "SAME_UPPER" else small)
-        return (begin[0], begin[1], end[0], end[1])
-
-    def _batchnorm(self, node: NodeProto, shape: tuple[int, ...], ops: list[Op]) -> list[Op]:
-        attrs = node_attributes(node)
-        if attrs.get("training_mode", 0):
-            raise self.fail(node, "training_mode=1; export the model in eval mode")
-        if len(node.input) != 5 or not all(i in self.constants for i in node.input[1:]):
-            raise self.fail(node, "scale, bias, mean and variance must be constants")
-        gamma, beta, mean, var = (
-            self._constant(node, i).astype(np.float64) for i in node.input[1:]
-        )
-        eps = float(attrs.get("epsilon", 1e-5))
-        if len(shape) < 1 or any(v.shape != (shape[0],) for v in (gamma, beta, mean, var)):
-            raise self.fail(node, f"its statistics do not match the channel axis of {shape}")
-        if np.any(var + eps <= 0):
-            raise self.fail(node, "its variance + epsilon is not positive")
-        k = gamma / np.sqrt(var + eps)
-        t = beta - mean * k
-        prev = ops[-1] if ops else None
-        if isinstance(prev, Conv) or (isinstance(prev, Linear) and len(shape) == 1):
-            old = prev.scale or _identity_scale(shape[0])
-            kt = torch.from_numpy(k)
-            scale = AffineScale(
-                old.weight_scale * kt, old.bias_scale * kt, old.shift * kt + torch.from_numpy(t)
-            )
-            ops[-1] = replace(prev, scale=scale)
-            return []
-        bshape = (shape[0],) + (1,) * (len(shape) - 1)
-        name = self.names[id(node)]
-        return [
-            Elementwise(name, "mul", torch.from_numpy(k.reshape(bshape))),
-            Elementwise(name, "add", torch.from_numpy(t.reshape(bshape))),
-        ]
-
     # ----------------------------------------------------------------- other ops
-    def _elementwise(self, node: NodeProto, index: int, shape: tuple[int, ...]) -> Elementwise:
-        other = node.input[1 - index]
-        value = self._constant(node, other).astype(np.float64)
-        try:
-            ok = np.broadcast_shapes((1, *shape), value.shape) == (1, *shape)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise self.fail(
-                node,
-                f"its constant '{other}' of shape {value.shape} does not broadcast "
-                f"against the per-sample shape {shape} without changing it",
-            )
-        if value.ndim == len(shape) + 1:
-            value = value.reshape(value.shape[1:])
-        op = _ELEMENTWISE[node.op_type]
-        first = index == 1 and op in ("sub", "div")
-        if op == "div" and not first and np.any(value == 0):
-            raise self.fail(node, f"divides by constant '{other}', which has zero entries")
-        return Elementwise(self.names[id(node)], op, torch.from_numpy(value), first)  # type: ignore[arg-type]
-
-    def _pass_through(self, node: NodeProto) -> None:
-        if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
-            if bool(np.asarray(self._constant(node, node.input[2])).item()):
-                raise self.fail(node, "training_mode is true; export the model in eval mode")
-        if node.op_type == "Cast" and node_attributes(node).get("to") not in (
-            TensorProto.FLOAT,
-            TensorProto.DOUBLE,
-        ):
-            raise self.fail(node, "only casts to float32 or float64 are supported")
-
-    def _pool(self, node: NodeProto, shape: tuple[int, ...]) -> Pool:
-        attrs = node_attributes(node)
-        if len(shape) != 3:
-            raise self.fail(node, f"only 2-D pooling (NCHW) is supported; input {shape}")
-        function = "max" if "Max" in node.op_type else "average"
-        name = self.names[id(node)]
-        if node.op_type.startswith("Global"):
-            return Pool(name, function, (shape[1], shape[2]), (1, 1))  # type: ignore[arg-type]
-        kernel = tuple(attrs["kernel_shape"])
-        strides = tuple(attrs.get("strides", (1,) * len(kernel)))
-        dilations = tuple(attrs.get("dilations", (1,) * len(kernel)))
-        if function == "average" and any(d != 1 for d in dilations):
-            raise self.fail(node, "dilated average pooling is not supported")
-        pads = self._pads(node, attrs, shape[1:], kernel, strides, dilations)
-        return Pool(
-            name,
-            function,  # type: ignore[arg-type]
-            kernel,  # type: ignore[arg-type]
-            strides,  # type: ignore[arg-type]
-            pads,
-            dilations,  # type: ignore[arg-type]
-            ceil_mode=bool(attrs.get("ceil_mode", 0)),
-            count_include_pad=bool(attrs.get("count_include_pad", 0)),
-        )
 
     # ----------------------------------------------------------------- reshapes
     def _reshaped(self, node: NodeProto, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -726,24 +542,3 @@ class _ChainBuilder:
         for out, value in zip(node.output, values, strict=False):
             memo[out] = np.asarray(value)
         return memo[name]
-
-
-def _identity_scale(n_out: int) -> AffineScale:
-    """y = W x + b as an AffineScale, the start of a BatchNormalization fold."""
-    ones = torch.ones(n_out, dtype=torch.float64)
-    return AffineScale(ones, ones.clone(), torch.zeros(n_out, dtype=torch.float64))
-
-
-def _scale(n_out: int, alpha: float, beta: float, shift: np.ndarray | None) -> AffineScale | None:
-    """The AffineScale for y = alpha*(W x) + beta*b + shift, or None when it is the identity."""
-    if alpha == 1.0 and beta == 1.0 and shift is None:
-        return None
-    return AffineScale(
-        weight_scale=torch.full((n_out,), alpha, dtype=torch.float64),
-        bias_scale=torch.full((n_out,), beta, dtype=torch.float64),
-        shift=(
-            torch.zeros(n_out, dtype=torch.float64)
-            if shift is None
-            else torch.from_numpy(np.asarray(shift, dtype=np.float64).reshape(n_out).copy())
-        ),
-    )

@@ -2,7 +2,7 @@
 
 Every way an untrusted file can fail (missing, empty, truncated, not ONNX, missing external
 weights, rejected by `onnx.checker`, inconsistent shapes) becomes one `GraphError` that names
-the file and says what to do. `verifier.onnx_import` and `verifier.onnx_prefix` start here.
+the file and says what to do. `verifier.onnx.importer` and `verifier.onnx.prefix` start here.
 """
 
 from __future__ import annotations

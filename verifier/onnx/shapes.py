@@ -1,6 +1,6 @@
 """Shape arithmetic of the reshape-like ONNX nodes (Flatten, Reshape, Squeeze, Unsqueeze).
 
-`verifier.onnx_import` evaluates these rules for several batch sizes to prove that a node keeps
+`verifier.onnx.importer` evaluates these rules for several batch sizes to prove that a node keeps
 every sample apart (output (batch, *fixed)).
 """
 
@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from onnx import NodeProto
 
-from verifier.onnx_reading import node_attributes
+from verifier.onnx.reading import node_attributes
 
 ShapeValue = Callable[[str, int], list[int]]
 ShapeRule = Callable[[tuple[int, ...], int], tuple[int, ...]]
