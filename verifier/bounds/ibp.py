@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -32,13 +33,18 @@ from verifier.bounds.margins import MarginBounds, mask_true_class
 from verifier.graph import (
     Activation,
     AffineScale,
+    Binary,
+    Concat,
     Conv,
     Elementwise,
     Graph,
     Linear,
     Op,
+    Pad,
     Pool,
     Reshape,
+    apply_activation,
+    apply_op,
     conv2d,
     pool2d,
 )
@@ -156,21 +162,60 @@ class _Walker:
         return out, new_err
 
     def step(self, op: Op, h: Interval, err: Tensor | None) -> tuple[Interval, Tensor | None]:
+        """One single-input op."""
         if isinstance(op, Linear | Conv):
             return self.affine(op, h, err)
         if isinstance(op, Activation):
-            fn = {"relu": torch.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[op.function]
-            out = h.map_monotone(fn)
-            if err is not None and op.function != "relu":
+            out = h.map_monotone(lambda t: apply_activation(op, t))
+            if err is not None and op.function in ("sigmoid", "tanh", "leaky_relu"):
                 lipschitz = 0.25 if op.function == "sigmoid" else 1.0
                 err = mapped_error(err, lipschitz, out.magnitude())
-            return out, err
+            return out, err  # relu and clip compute no new value: the error passes through
         if isinstance(op, Elementwise):
             return self.elementwise(op, h, err)
         if isinstance(op, Reshape):
             shape = (h.lower.shape[0], *op.shape)
             return h.reshape(*shape), None if err is None else err.reshape(shape)
-        return self.pool(op, h, err)
+        if isinstance(op, Pool):
+            return self.pool(op, h, err)
+        # Transpose, Pad, Slice move values without arithmetic; Pad's constant is exact
+        out = h.map_monotone(lambda v: apply_op(op, v, {}))
+        if err is None:
+            return out, None
+        return out, apply_op(replace(op, value=0.0) if isinstance(op, Pad) else op, err, {})
+
+    def join(
+        self, op: Binary | Concat, hs: list[Interval], errs: list[Tensor | None]
+    ) -> tuple[Interval, Tensor | None]:
+        """An op that reads several computed tensors."""
+        if isinstance(op, Concat):
+            out = Interval(
+                torch.cat([h.lower for h in hs], dim=op.axis),
+                torch.cat([h.upper for h in hs], dim=op.axis),
+            )
+            if errs[0] is None:
+                return out, None
+            return out, torch.cat([e for e in errs if e is not None], dim=op.axis)
+        a, b = hs
+        if op.op == "add":
+            out = a.add(b)
+        elif op.op == "sub":
+            out = Interval(a.lower - b.upper, a.upper - b.lower)
+        else:
+            corners = torch.stack(
+                torch.broadcast_tensors(
+                    a.lower * b.lower, a.lower * b.upper, a.upper * b.lower, a.upper * b.upper
+                )
+            )
+            out = Interval(corners.min(dim=0).values, corners.max(dim=0).values)
+        if errs[0] is None or errs[1] is None:
+            return out, None
+        err_a, err_b = errs[0], errs[1]
+        if op.op == "mul":  # |(a+da)(b+db) - ab| <= |a||db| + |b||da| + |da||db|
+            carried = a.magnitude() * err_b + b.magnitude() * err_a + err_a * err_b
+        else:
+            carried = err_a + err_b
+        return out, carried + UNIT_ROUNDOFF_64 * out.magnitude()
 
     def elementwise(
         self, op: Elementwise, h: Interval, err: Tensor | None
@@ -213,16 +258,23 @@ class _Walker:
 def last_linear_index(graph: Graph) -> int | None:
     """Index of the final Linear op when only shape ops follow it (then margins can fold).
 
+    In a DAG the Linear must also read the output of the op just before it (or the graph
+    input), so that `propagate(stop=index)` encloses exactly its input, and the ops after it must
+    be a chain of Reshapes from its output to the graph output.
+
     Args:
         graph: the network.
 
     Returns:
-        The op index, or None when a non-Reshape op follows the last Linear (or none exists).
+        The op index, or None when there is no such Linear.
     """
     for i in range(len(graph.ops) - 1, -1, -1):
         op = graph.ops[i]
         if isinstance(op, Linear):
-            return i
+            before = graph.ops[i - 1].output if i else graph.input_name
+            tail = graph.ops[i:]
+            chained = all(b.inputs == (a.output,) for a, b in zip(tail, tail[1:], strict=False))
+            return i if op.inputs == (before,) and chained else None
         if not isinstance(op, Reshape):
             return None
     return None
@@ -240,6 +292,9 @@ def propagate(
 ) -> tuple[Interval, Tensor | None]:
     """Enclose the output of ops[:stop] for every parameter vector in the box.
 
+    Walks the DAG in topological order; a tensor read by several ops (a residual branch) is
+    enclosed once and shared, which is sound (each use takes the whole enclosure).
+
     Args:
         graph: the network.
         lower: lower corners of the boxed parameters, keyed by initializer name.
@@ -253,11 +308,17 @@ def propagate(
         (enclosure, error bound or None).
     """
     walker = _Walker(graph, lower, upper, rule, track_rounding)
-    h = Interval.point(x)
-    err: Tensor | None = torch.zeros_like(x) if track_rounding else None
-    for op in graph.ops[:stop]:
-        h, err = walker.step(op, h, err)
-    return h, err
+    env: dict[str, tuple[Interval, Tensor | None]] = {
+        graph.input_name: (Interval.point(x), torch.zeros_like(x) if track_rounding else None)
+    }
+    ops = graph.ops[:stop]
+    for op in ops:
+        if isinstance(op, Binary | Concat):
+            values = [env[name] for name in op.inputs]
+            env[op.output] = walker.join(op, [v[0] for v in values], [v[1] for v in values])
+        else:
+            env[op.output] = walker.step(op, *env[op.inputs[0]])
+    return env[ops[-1].output if ops else graph.input_name]
 
 
 def logit_bounds(

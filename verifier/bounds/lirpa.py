@@ -443,6 +443,12 @@ def _build(graph: Graph, boxed: frozenset[str], dtype: torch.dtype, device: torc
 
     layers: list[nn.Module] = []
     slots: dict[str, _Slot] = {}
+    branching = graph.first_non_chain_op()
+    if branching is not None:
+        raise BackendError(
+            f"node '{branching.node}' ({branching.kind}): the lirpa backend bounds chains of ops "
+            "only, and this graph branches or joins here; use --bound ibp"
+        )
     for index, op in enumerate(graph.ops):
         layers.append(_layer(graph, op, boxed, dtype))
         if isinstance(op, Linear):
@@ -499,13 +505,18 @@ def _layer(graph: Graph, op: Op, boxed: frozenset[str], dtype: torch.dtype) -> n
         )
         weight, bias = _fold_scale(op.scale, weight, bias, op.bias is not None)
         return _ConvLayer(op, weight.contiguous(), bias.contiguous())
-    if isinstance(op, Activation):
-        return _ActivationLayer(op.function)
+    if isinstance(op, Activation) and op.function in ("relu", "sigmoid", "tanh"):
+        return _ActivationLayer(op.function)  # type: ignore[arg-type]
     if isinstance(op, Elementwise):
         return _ElementwiseLayer(op, op.constant.to(dtype))
     if isinstance(op, Reshape):
         return _ReshapeLayer(op.shape)
-    return _PoolLayer(op)
+    if isinstance(op, Pool):
+        return _PoolLayer(op)
+    what = f"{op.function} activation" if isinstance(op, Activation) else f"{op.kind} op"
+    raise BackendError(
+        f"node '{op.node}': the lirpa backend does not support this {what}; use --bound ibp"
+    )
 
 
 def _fold_scale(

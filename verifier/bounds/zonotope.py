@@ -307,9 +307,26 @@ def check_supported(graph: Graph) -> None:
     """Raise if the graph has an op the zonotope bounds do not handle.
 
     Raises:
-        GraphError: naming the node (Conv, Pool, or Elementwise constant / x).
+        GraphError: naming the node (a branch or join of the DAG, Conv, Pool, an op other
+            than Linear / activation / Elementwise / Reshape, or Elementwise constant / x).
     """
+    branching = graph.first_non_chain_op()
+    if branching is not None:
+        raise GraphError(
+            f"node '{branching.node}' ({branching.kind}): zonotope bounds support chains of ops "
+            "only, and this graph branches or joins here; use domain: box for this model"
+        )
     for op in graph.ops:
+        if isinstance(op, Activation) and op.function not in ("relu", "sigmoid", "tanh"):
+            raise GraphError(
+                f"node '{op.node}': zonotope bounds do not support the {op.function} "
+                "activation; use domain: box for this model"
+            )
+        if not isinstance(op, Linear | Conv | Pool | Activation | Elementwise | Reshape):
+            raise GraphError(
+                f"node '{op.node}': zonotope bounds do not support {op.kind} ops; "
+                "use domain: box for this model"
+            )
         if isinstance(op, Conv | Pool):
             kind = "Conv" if isinstance(op, Conv) else "Pool"
             raise GraphError(

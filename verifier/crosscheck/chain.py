@@ -231,6 +231,13 @@ def relu_chain(graph: Graph, box: Box, x: Tensor) -> ReluChain:
         BackendError: the tail is not ``Linear (ReLU Linear)*`` on flat tensors (a boxed Conv,
             a sigmoid or tanh after the first boxed op, ...); the message names the op.
     """
+    branching = graph.first_non_chain_op()
+    if branching is not None:
+        raise BackendError(
+            f"node '{branching.node}' ({branching.kind}): exact margins support chains of ops "
+            "(MLPs) only, and this graph branches or joins here; use the bound engine and "
+            "falsifiers instead"
+        )
     box = box.to(torch.float64)
     inputs = x.to(torch.float64).reshape(1, *graph.input_shape)
     h = inputs

@@ -16,13 +16,18 @@ from verifier.errors import GraphError
 from verifier.files import file_sha256
 from verifier.graph import (
     Activation,
+    Binary,
+    Concat,
     Conv,
     Elementwise,
     Graph,
     Linear,
     Op,
+    Pad,
     Reshape,
-    apply_op,
+    Slice,
+    Transpose,
+    evaluate,
 )
 from verifier.onnx.importer import load_graph
 
@@ -55,6 +60,10 @@ def _op_details(op: Op, graph: Graph) -> dict[str, Any]:
             )
         return details
     if isinstance(op, Activation):
+        if op.function == "leaky_relu":
+            return {"function": op.function, "alpha": op.alpha}
+        if op.function == "clip":
+            return {"function": op.function, "low": op.low, "high": op.high}
         return {"function": op.function}
     if isinstance(op, Elementwise):
         return {
@@ -64,6 +73,16 @@ def _op_details(op: Op, graph: Graph) -> dict[str, Any]:
         }
     if isinstance(op, Reshape):
         return {"shape": list(op.shape)}
+    if isinstance(op, Binary):
+        return {"op": op.op, "inputs": list(op.inputs)}
+    if isinstance(op, Concat):
+        return {"axis": op.axis, "inputs": list(op.inputs)}
+    if isinstance(op, Transpose):
+        return {"perm": list(op.perm)}
+    if isinstance(op, Pad):
+        return {"pads": list(op.pads), "value": op.value}
+    if isinstance(op, Slice):
+        return {"axis": op.axis, "start": op.start, "stop": op.stop, "step": op.step}
     return {
         "function": op.function,
         "kernel": list(op.kernel),
@@ -81,10 +100,11 @@ def describe_ops(graph: Graph) -> list[dict[str, Any]]:
     Output shapes come from a forward pass of one zero sample in float32.
     """
     entries: list[dict[str, Any]] = []
-    h = torch.zeros((1, *graph.input_shape), dtype=torch.float32)
+    x = torch.zeros((1, *graph.input_shape), dtype=torch.float32)
     with torch.no_grad():
+        values = evaluate(graph, x, graph.parameters)
         for index, op in enumerate(graph.ops):
-            h = apply_op(op, h, graph.parameters)
+            h = values[op.output]
             entries.append(
                 {
                     "index": index,
