@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,31 @@ def test_importance_ranks_used_weights_above_dead_inputs(kind: str) -> None:
     assert bool(frozen["fc0.weight"][:, :2].all())  # the dead entries are the first frozen
     before = {n: t.clone() for n, t in graph.parameters.items()}
     assert all(torch.equal(before[n], graph.parameters[n]) for n in names)  # graph untouched
+
+
+def test_layer_log_width_weighs_every_tensor_alike() -> None:
+    """Hand-worked: a 1-entry tensor of width 0.01 and a 100-entry tensor of width 1 give
+    (ln 0.01 + ln 1) / 2 per tensor; the per-entry mean log-width hardly sees the small one."""
+    from verifier.domains import Box
+
+    f64 = torch.float64
+    zero = {"small": torch.zeros(1, dtype=f64), "large": torch.zeros(100, dtype=f64)}
+    box = Box(
+        zero, {"small": torch.full((1,), 0.01, dtype=f64), "large": torch.ones(100, dtype=f64)}
+    )
+    assert box.size("layer_log_width") == pytest.approx(math.log(0.01) / 2, rel=1e-12)
+    assert box.size("mean_log_width") == pytest.approx(math.log(0.01) / 101, rel=1e-12)
+
+
+def test_search_with_layer_log_width_opens_every_tensor() -> None:
+    graph = load_model(Path("onnx_models/digits_mlp.onnx"))
+    data = load_dataset("digits", split="test")
+    x, y = data.x[:200], data.y[:200]
+    task = SearchTask("digits", "accuracy", 0.8, x[:140], y[:140], x[140:], y[140:])
+    config = SearchSection(iterations=40, batch_size=140, lr=1.0, size="layer_log_width")
+    result = search_lid(graph, [task], config, names=list(graph.parameters))
+    assert result.feasible
+    widths = result.box.widths()
+    assert all(float((w > 0).double().mean()) > 0.5 for w in widths.values()), {
+        n: float((w > 0).double().mean()) for n, w in widths.items()
+    }

@@ -90,7 +90,12 @@ class SearchSection(_Section):
     penalty: float = Field(10.0, ge=0.0, description="ρ0 of the augmented Lagrangian.")
     penalty_growth: float = Field(1.01, ge=1.0)
     temperature: float = Field(10.0, gt=0.0, description="t of the soft-accuracy surrogate.")
-    size: Literal["mean_width", "mean_log_width"] = "mean_width"
+    size: Literal["mean_width", "mean_log_width", "layer_log_width"] = Field(
+        "mean_width",
+        description="S maximised: mean width over entries; mean log-width over entries; or "
+        "layer_log_width, the mean over tensors of each tensor's mean log-width, so that small "
+        "tensors (convolutions) open as well as large ones.",
+    )
     checkpoint_every: int = Field(20, ge=1)
     max_width: float | None = Field(None, gt=0.0)
     bound: Literal["ibp", "midrad"] = "ibp"

@@ -14,7 +14,7 @@ from verifier.errors import DomainError
 if TYPE_CHECKING:
     from verifier.domains.zonotope import Zonotope
 
-SizeKind = Literal["mean_width", "mean_log_width", "log_volume"]
+SizeKind = Literal["mean_width", "mean_log_width", "layer_log_width", "log_volume"]
 LOG_WIDTH_FLOOR = 1e-12
 
 
@@ -122,7 +122,16 @@ class Box:
         return Box(lower, upper)
 
     def size(self, kind: SizeKind = "mean_width") -> float:
-        """Size measure: mean width, mean log-width (widths floored at 1e-12) or log-volume."""
+        """Size measure: mean width, mean log-width (widths floored at 1e-12), the mean over
+        tensors of each tensor's mean log-width (`layer_log_width`: every tensor counts alike,
+        however many entries it has), or log-volume."""
+        if kind == "layer_log_width":
+            per_tensor = [
+                torch.log(w.to(torch.float64).clamp(min=LOG_WIDTH_FLOOR)).mean()
+                for w in self.widths().values()
+                if w.numel()
+            ]
+            return float(torch.stack(per_tensor).mean()) if per_tensor else 0.0
         widths = torch.cat([w.flatten().to(torch.float64) for w in self.widths().values()])
         if widths.numel() == 0:
             return 0.0

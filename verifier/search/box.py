@@ -102,10 +102,26 @@ class _Widths:
         return lower, upper
 
     def size(self, kind: str, free: Tensor) -> Tensor:
+        """The search's size S: `free` is the number of entries that may widen."""
+        if kind == "layer_log_width":
+            return self._layer_log_width()
         widths = torch.cat([(self.d_lo[n] + self.d_hi[n]).flatten() for n in self.d_lo])
         if kind == "mean_width":
             return widths.sum() / free.clamp(min=1)
         return (torch.log(widths + 1e-12) * (widths > 0)).sum() / free.clamp(min=1)
+
+    def _layer_log_width(self) -> Tensor:
+        """Mean over tensors with a free entry of the mean log-width over their free entries."""
+        terms = []
+        for n in self.d_lo:
+            width = self.d_lo[n] + self.d_hi[n]
+            free = (self.cap_lo[n] + self.cap_hi[n] > 0).to(width.dtype)
+            count = free.sum()
+            if float(count) > 0:
+                terms.append((torch.log(width + 1e-12) * free).sum() / count)
+        if not terms:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.stack(terms).mean()
 
     @torch.no_grad()
     def box(self) -> Box:
