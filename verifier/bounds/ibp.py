@@ -14,7 +14,10 @@ most gamma_n * sum |a_i b_i|, gamma_n = n u / (1 - n u), u = 2^-53). Per layer:
 
 where (x) is the layer's own product on magnitudes (4n+8 covers the four partial products of
 the sign split, the centre/radius halving, bias, scale and shift). Monotone activations are
-Lipschitz (1 for relu and tanh, 1/4 for sigmoid) and add 4 ulp of their output for libm.
+Lipschitz (1 for relu and tanh, 1/4 for sigmoid) and add 4 ulp of their output for libm; a
+ReLU whose computed upper endpoint plus its error is <= 0 outputs exactly 0 in both the computed
+and the exact pass, so its error is 0 (without this, errors of dead units compound through every
+later layer like the product of the layers' |W| norms).
 `rounding_allowance` returns that bound for each margin; a sample counts as certified only if
 its margin lower bound exceeds it (see `verifier.certify`).
 """
@@ -170,6 +173,10 @@ class _Walker:
             if err is not None and op.function in ("sigmoid", "tanh", "leaky_relu"):
                 lipschitz = 0.25 if op.function == "sigmoid" else 1.0
                 err = mapped_error(err, lipschitz, out.magnitude())
+            elif err is not None and op.function == "relu":
+                # computed upper + its error <= 0: the exact endpoints are <= 0 as well, so both
+                # ReLU outputs are exactly 0 and carry no error (stops dead units compounding it)
+                err = torch.where(h.upper + err <= 0, torch.zeros_like(err), err)
             return out, err  # relu and clip compute no new value: the error passes through
         if isinstance(op, Elementwise):
             return self.elementwise(op, h, err)
