@@ -465,6 +465,8 @@ def _no_input_shape(path: Path) -> Path:
 
 
 def _input_rank_1(path: Path) -> Path:
+    """A rank-1 input has no batch axis (see verifier.onnx.importer), so its one axis must be
+    fixed: a symbolic one is refused."""
     inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch"])]
     nodes = [helper.make_node("Relu", ["input"], ["logits"], name="relu")]
@@ -502,6 +504,39 @@ def _mixing_reshape(path: Path) -> Path:
     ]
     back = numpy_helper.from_array(np.array([-1, 5], dtype=np.int64), "back")
     return _gemm_chain(path, middle, extra_inits=(shape, back))
+
+
+def _ints(name: str, values: list[int]) -> TensorProto:
+    return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
+
+
+def _cycle(path: Path) -> Path:
+    """relu_a reads the output of relu_b, which reads relu_a's: no topological order exists."""
+    nodes = [
+        helper.make_node("Add", ["input", "b"], ["a"], name="add_a"),
+        helper.make_node("Relu", ["a"], ["b"], name="relu_b"),
+        helper.make_node("Gemm", ["a", "w", "bias"], ["logits"], name="gemm", transB=1),
+    ]
+    rng = np.random.default_rng(14)
+    inits = [_init("w", (3, 4), rng), _init("bias", (3,), rng)]
+    return save_helper_model(nodes, inits, path, check=False)
+
+
+def _dangling_output(path: Path) -> Path:
+    """The graph output 'logits' is produced by no node."""
+    rng = np.random.default_rng(15)
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["h"], name="gemm", transB=1)]
+    inits = [_init("w", (3, 4), rng), _init("b", (3,), rng)]
+    return save_helper_model(nodes, inits, path, check=False)
+
+
+def _value_dependent_shape(path: Path) -> Path:
+    """Reshape to a shape read from the values of a computed tensor."""
+    middle = [
+        helper.make_node("Cast", ["h1"], ["h1_int"], name="to_int", to=TensorProto.INT64),
+        helper.make_node("Reshape", ["h1", "h1_int"], ["m"], name="reshape_by_value"),
+    ]
+    return _gemm_chain(path, middle)
 
 
 BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
@@ -547,17 +582,64 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda folder: _no_input_shape(folder / "no_shape.onnx"),
         "shape is unknown|checker rejects",
     ),
-    "input_rank_1": (lambda folder: _input_rank_1(folder / "rank1.onnx"), "rank < 2"),
+    "input_rank_1": (
+        lambda folder: _input_rank_1(folder / "rank1.onnx"),
+        "no batch axis.*axis 0 is 'batch'",
+    ),
     "output_not_2d": (lambda folder: _output_not_2d(folder / "out4d.onnx"), "rank 4"),
-    "branch": (
+    "divided_branches": (
         lambda folder: _gemm_chain(
-            folder / "branch.onnx",
+            folder / "branch_div.onnx",
             [
                 helper.make_node("Relu", ["h1"], ["r"], name="relu"),
-                helper.make_node("Add", ["h1", "r"], ["m"], name="skip_add"),
+                helper.make_node("Div", ["h1", "r"], ["m"], name="branch_div"),
             ],
         ),
-        "feeds several nodes",
+        "'branch_div' \\(Div\\): divides two computed tensors",
+    ),
+    "cycle": (lambda folder: _cycle(folder / "cycle.onnx"), "checker rejects.*topologically"),
+    "dangling_output": (
+        lambda folder: _dangling_output(folder / "dangling.onnx"),
+        "checker rejects.*'logits' is not an output of any node",
+    ),
+    "value_dependent_shape": (
+        lambda folder: _value_dependent_shape(folder / "value_shape.onnx"),
+        "'reshape_by_value'.*shape cannot be resolved",
+    ),
+    "reflect_pad": (
+        lambda folder: _gemm_chain(
+            folder / "reflect.onnx",
+            [
+                helper.make_node("Pad", ["h1", "pads"], ["p"], name="pad_reflect", mode="reflect"),
+                helper.make_node("Slice", ["p", "start", "end", "axis1"], ["m"], name="crop"),
+            ],
+            extra_inits=(
+                _ints("pads", [0, 1, 0, 1]),
+                _ints("start", [1]),
+                _ints("end", [6]),
+                _ints("axis1", [1]),
+            ),
+        ),
+        "'pad_reflect' \\(Pad\\): mode 'reflect' is not supported",
+    ),
+    "batch_misaligned_broadcast": (
+        lambda folder: _gemm_chain(
+            folder / "misaligned.onnx",
+            [
+                helper.make_node("Unsqueeze", ["h1", "axis2"], ["u"], name="unsqueeze"),
+                helper.make_node("Add", ["u", "h1"], ["a"], name="add_misaligned"),
+                helper.make_node("Flatten", ["a"], ["m"], name="flatten"),
+            ],
+            extra_inits=(_ints("axis2", [2]),),
+        ),
+        "'add_misaligned'.*align the batch axis",
+    ),
+    "transpose_batch_axis": (
+        lambda folder: _gemm_chain(
+            folder / "transpose_batch.onnx",
+            [helper.make_node("Transpose", ["h1"], ["m"], name="swap_batch", perm=[1, 0])],
+        ),
+        "'swap_batch'.*moves the batch axis",
     ),
     "transA": (
         lambda folder: save_helper_model(

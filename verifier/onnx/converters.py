@@ -1,10 +1,12 @@
-"""ONNX nodes -> ops of `verifier.graph`: one function per supported node type.
+"""ONNX nodes -> ops of `verifier.graph`: the affine, normalisation, activation, elementwise
+and pooling nodes.
 
-The chain walk (`verifier.onnx.importer.ChainBuilder`) decides which node comes next; the
-functions here map that node, given the per-sample shape of its computed input, onto typed ops,
-registering its weights and biases as parameters (keyed by initializer name) and its other
-constants as float64 constants. Each raises a `GraphError` naming the node on anything it cannot
-map exactly.
+The DAG walk (`verifier.onnx.importer.GraphBuilder`) visits the nodes in topological order and
+wires the ops; the functions here map one node, given the per-sample shape of its computed
+input, onto unwired typed ops, registering its weights and biases as parameters (keyed by
+initializer name) and its other constants as float64 constants. Each raises a `GraphError`
+naming the node on anything it cannot map exactly. Nodes that only move values (Transpose,
+Concat, Slice, Split, Pad) are mapped in `verifier.onnx.layout`.
 """
 
 from __future__ import annotations
@@ -16,18 +18,26 @@ import numpy as np
 import torch
 from onnx import NodeProto, TensorProto
 
-from verifier.graph import AffineScale, Conv, Elementwise, Linear, Op, Pool
+from verifier.graph import Activation, AffineScale, Conv, Elementwise, Linear, Op, Pool
 from verifier.onnx.reading import node_attributes
 
 if TYPE_CHECKING:
-    from verifier.onnx.importer import ChainBuilder
+    from verifier.onnx.importer import GraphBuilder
+    from verifier.onnx.layout import TensorValue
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-ACTIVATIONS = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+ACTIVATIONS = {
+    "Relu": "relu",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "LeakyRelu": "leaky_relu",
+    "Clip": "clip",
+}
 ELEMENTWISE = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div"}
 RESHAPES = {"Flatten", "Reshape", "Squeeze", "Unsqueeze"}
 POOLS = {"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"}
 PASS_THROUGH = {"Identity", "Dropout", "Cast"}
+LAYOUT = {"Transpose", "Concat", "Slice", "Split", "Pad", "ReduceMean"}
 _SUPPORTED = (
     {"Gemm", "MatMul", "Conv", "BatchNormalization"}
     | set(ACTIVATIONS)
@@ -35,13 +45,23 @@ _SUPPORTED = (
     | RESHAPES
     | POOLS
     | PASS_THROUGH
+    | LAYOUT
 )
 SUPPORTED_OPS = frozenset(_SUPPORTED)
 """ONNX op types (default domain) that map onto the bound engine's ops."""
 
+DATA_INPUTS: dict[str, tuple[int, ...] | None] = {
+    **dict.fromkeys(ELEMENTWISE, (0, 1)),
+    "MatMul": (0, 1),
+    "Concat": None,
+}
+"""Input slots that may hold computed tensors (None: all); default slot 0 only. Every other
+input must be a constant (weights, statistics, axes, pads), or for the shape input of a
+reshape-like node a tensor computed from shapes alone."""
+
 
 def weight_parameter(
-    b: ChainBuilder, node: NodeProto, name: str, role: str = "weight"
+    b: GraphBuilder, node: NodeProto, name: str, role: str = "weight"
 ) -> tuple[str, bool]:
     if name not in b.constants:
         raise b.fail(node, f"its {role} '{name}' is computed, not a constant")
@@ -49,7 +69,7 @@ def weight_parameter(
 
 
 def bias_parameter(
-    b: ChainBuilder, node: NodeProto, name: str, n_out: int
+    b: GraphBuilder, node: NodeProto, name: str, n_out: int
 ) -> tuple[str | None, np.ndarray | None]:
     """A bias of n_out values from an initializer is a parameter; else a constant shift.
 
@@ -66,7 +86,7 @@ def bias_parameter(
     return None, np.broadcast_to(constant.reshape(-1), (n_out,)).copy()
 
 
-def gemm_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Linear:
+def gemm_op(b: GraphBuilder, node: NodeProto, shape: tuple[int, ...]) -> Linear:
     attrs = node_attributes(node)
     if attrs.get("transA", 0):
         raise b.fail(node, "transA=1 is not supported; export x @ W with transA=0")
@@ -85,7 +105,13 @@ def gemm_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Linear:
     return Linear(b.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
 
 
-def conv_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Conv:
+def conv_op(
+    b: GraphBuilder,
+    node: NodeProto,
+    shape: tuple[int, ...],
+    extra_pads: tuple[int, int, int, int] | None = None,
+) -> Conv:
+    """Conv with its weight and bias as parameters; `extra_pads` come from a folded Pad."""
     attrs = node_attributes(node)
     if len(shape) != 3:
         raise b.fail(node, f"only 2-D convolution (NCHW) is supported; input {shape}")
@@ -99,6 +125,8 @@ def conv_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Conv:
     strides = tuple(attrs.get("strides", (1, 1)))
     dilations = tuple(attrs.get("dilations", (1, 1)))
     pads = onnx_pads(b, node, attrs, shape[1:], kernel, strides, dilations)
+    if extra_pads is not None:
+        pads = tuple(p + q for p, q in zip(pads, extra_pads, strict=True))  # type: ignore[assignment]
     bias, shift = None, None
     if len(node.input) > 2 and node.input[2]:
         bias, shift = bias_parameter(b, node, node.input[2], weight.shape[0])
@@ -115,7 +143,7 @@ def conv_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Conv:
 
 
 def onnx_pads(
-    b: ChainBuilder,
+    b: GraphBuilder,
     node: NodeProto,
     attrs: dict[str, Any],
     spatial: tuple[int, ...],
@@ -143,9 +171,10 @@ def onnx_pads(
     return (begin[0], begin[1], end[0], end[1])
 
 
-def batchnorm_ops(
-    b: ChainBuilder, node: NodeProto, shape: tuple[int, ...], ops: list[Op]
-) -> list[Op]:
+def batchnorm_factors(
+    b: GraphBuilder, node: NodeProto, shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """BatchNormalization as y = k * x + t per channel (axis 0 of the sample): (k, t), float64."""
     attrs = node_attributes(node)
     if attrs.get("training_mode", 0):
         raise b.fail(node, "training_mode=1; export the model in eval mode")
@@ -158,16 +187,29 @@ def batchnorm_ops(
     if np.any(var + eps <= 0):
         raise b.fail(node, "its variance + epsilon is not positive")
     k = gamma / np.sqrt(var + eps)
-    t = beta - mean * k
-    prev = ops[-1] if ops else None
-    if isinstance(prev, Conv) or (isinstance(prev, Linear) and len(shape) == 1):
-        old = prev.scale or identity_scale(shape[0])
-        kt = torch.from_numpy(k)
-        scale = AffineScale(
-            old.weight_scale * kt, old.bias_scale * kt, old.shift * kt + torch.from_numpy(t)
-        )
-        ops[-1] = replace(prev, scale=scale)
-        return []
+    return k, beta - mean * k
+
+
+def can_fold_batchnorm(prev: Op | None, shape: tuple[int, ...]) -> bool:
+    """Whether a BatchNormalization on the output (per-sample `shape`) of `prev` folds into it:
+    after a Conv, or after a Linear on (batch, features)."""
+    return isinstance(prev, Conv) or (isinstance(prev, Linear) and len(shape) == 1)
+
+
+def fold_batchnorm(prev: Linear | Conv, k: np.ndarray, t: np.ndarray) -> Linear | Conv:
+    """`prev` followed by y = k * x + t per output channel, as one op."""
+    old = prev.scale or identity_scale(len(k))
+    kt = torch.from_numpy(k)
+    scale = AffineScale(
+        old.weight_scale * kt, old.bias_scale * kt, old.shift * kt + torch.from_numpy(t)
+    )
+    return replace(prev, scale=scale)
+
+
+def batchnorm_elementwise(
+    b: GraphBuilder, node: NodeProto, shape: tuple[int, ...], k: np.ndarray, t: np.ndarray
+) -> list[Op]:
+    """A BatchNormalization that follows no affine op: an Elementwise mul, then an add."""
     bshape = (shape[0],) + (1,) * (len(shape) - 1)
     name = b.names[id(node)]
     return [
@@ -176,31 +218,57 @@ def batchnorm_ops(
     ]
 
 
-def elementwise_op(
-    b: ChainBuilder, node: NodeProto, index: int, shape: tuple[int, ...]
-) -> Elementwise:
+def elementwise_op(b: GraphBuilder, node: NodeProto, index: int, value: TensorValue) -> Elementwise:
+    """x (op) constant, or constant (op) x when the computed tensor is input 1."""
     other = node.input[1 - index]
-    value = b.constant(node, other).astype(np.float64)
+    constant = b.constant(node, other).astype(np.float64)
+    # the constant must broadcast against the ONNX tensor without changing its shape; a batched
+    # tensor's constant may carry a leading batch axis of size 1
+    full = (1, *value.shape) if value.batched else value.shape
     try:
-        ok = np.broadcast_shapes((1, *shape), value.shape) == (1, *shape)
+        ok = np.broadcast_shapes(full, constant.shape) == full
     except ValueError:
         ok = False
     if not ok:
         raise b.fail(
             node,
-            f"its constant '{other}' of shape {value.shape} does not broadcast "
-            f"against the per-sample shape {shape} without changing it",
+            f"its constant '{other}' of shape {constant.shape} does not broadcast "
+            f"against the per-sample shape {value.shape} without changing it",
         )
-    if value.ndim == len(shape) + 1:
-        value = value.reshape(value.shape[1:])
+    if value.batched and constant.ndim == len(value.shape) + 1:
+        constant = constant.reshape(constant.shape[1:])
     op = ELEMENTWISE[node.op_type]
     first = index == 1 and op in ("sub", "div")
-    if op == "div" and not first and np.any(value == 0):
+    if op == "div" and not first and np.any(constant == 0):
         raise b.fail(node, f"divides by constant '{other}', which has zero entries")
-    return Elementwise(b.names[id(node)], op, torch.from_numpy(value), first)  # type: ignore[arg-type]
+    return Elementwise(b.names[id(node)], op, torch.from_numpy(constant), first)  # type: ignore[arg-type]
 
 
-def check_pass_through(b: ChainBuilder, node: NodeProto) -> None:
+def activation_op(b: GraphBuilder, node: NodeProto) -> Activation:
+    """Relu, Sigmoid, Tanh, LeakyRelu (alpha in [0, 1]) or Clip (constant bounds)."""
+    function = ACTIVATIONS[node.op_type]
+    name = b.names[id(node)]
+    attrs = node_attributes(node)
+    if function == "leaky_relu":
+        alpha = float(attrs.get("alpha", 0.01))
+        if not 0.0 <= alpha <= 1.0:
+            raise b.fail(node, f"alpha {alpha} is not supported; it must lie in [0, 1]")
+        return Activation(name, "leaky_relu", alpha=alpha)
+    if function == "clip":
+        low, high = float(attrs.get("min", -np.inf)), float(attrs.get("max", np.inf))
+        for index, role in ((1, "min"), (2, "max")):
+            if len(node.input) > index and node.input[index]:
+                bound = np.asarray(b.constant(node, node.input[index]), dtype=np.float64)
+                if bound.size != 1:
+                    raise b.fail(node, f"its {role} must be a scalar, got shape {bound.shape}")
+                low, high = (
+                    (float(bound.item()), high) if index == 1 else (low, float(bound.item()))
+                )
+        return Activation(name, "clip", low=low, high=high)
+    return Activation(name, function)  # type: ignore[arg-type]
+
+
+def check_pass_through(b: GraphBuilder, node: NodeProto) -> None:
     if node.op_type == "Dropout" and len(node.input) > 2 and node.input[2]:
         if bool(np.asarray(b.constant(node, node.input[2])).item()):
             raise b.fail(node, "training_mode is true; export the model in eval mode")
@@ -211,7 +279,7 @@ def check_pass_through(b: ChainBuilder, node: NodeProto) -> None:
         raise b.fail(node, "only casts to float32 or float64 are supported")
 
 
-def pool_op(b: ChainBuilder, node: NodeProto, shape: tuple[int, ...]) -> Pool:
+def pool_op(b: GraphBuilder, node: NodeProto, shape: tuple[int, ...]) -> Pool:
     attrs = node_attributes(node)
     if len(shape) != 3:
         raise b.fail(node, f"only 2-D pooling (NCHW) is supported; input {shape}")

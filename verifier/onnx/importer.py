@@ -1,9 +1,10 @@
 """ONNX classifier -> `verifier.graph.Graph`: the ONNX front end.
 
-`load_graph` reads the file, runs `onnx.checker` and strict shape inference, folds every
-constant-only subgraph, then walks from the single graph input to the single graph output and
-maps each node onto an op of `verifier.graph`. The result must be a chain: each node consumes
-the tensor the previous node produced, plus constants.
+`load_graph` reads the file, runs `onnx.checker` and shape inference, folds every constant-only
+subgraph, drops the nodes the graph output does not depend on, then walks the remaining nodes
+in topological order and maps each onto ops of `verifier.graph`. The result is a DAG: op inputs
+and outputs are the ONNX tensor names (an ONNX node that becomes several ops, such as a
+BatchNormalization after a Relu, writes fresh intermediate names `<tensor>:<k>`).
 
 Choices worth knowing:
 
@@ -18,25 +19,43 @@ Choices worth knowing:
   constants) are float64 tensors: exact for float32 sources and never a parameter. An initializer
   used both as a parameter and as such a constant (e.g. deduplicated by an exporter) is refused,
   since changing the parameter would silently change the constant too.
-- **BatchNormalization** right after a Conv, or after a Linear on (batch, features), is folded
-  into that op's `AffineScale`; anywhere else it becomes an Elementwise mul and add.
+- **Folds.** A MatMul whose only reader is an Add of a bias becomes one Linear; a
+  BatchNormalization right after a Conv, or after a Linear on (batch, features), is folded into
+  that op's `AffineScale` when nothing else reads the op's output (anywhere else it becomes an
+  Elementwise mul and add); a zero constant Pad of the spatial axes whose only reader is a Conv
+  is folded into the Conv's pads; a Transpose right after a Transpose becomes one (none when
+  they cancel, as in the NHWC <-> NCHW pairs tf2onnx writes around convolutions), and so does
+  a reshape right after a reshape.
+- **Branches.** Add, Sub and Mul of two computed tensors become `Binary` ops (ONNX broadcasting,
+  as long as the batch axes line up); Concat, Transpose, Slice, Split and constant-mode Pad move
+  values along per-sample axes only; ReduceMean over the two spatial axes is global average
+  pooling. Nodes the graph output does not depend on are dropped before anything is checked.
 - **Reshape-like nodes** (Flatten, Reshape, Squeeze, Unsqueeze) are accepted when they keep every
   sample apart: the output shape is evaluated for several batch sizes (also through Shape-based
   subgraphs such as `x.view(x.size(0), -1)`) and must be (batch, *fixed).
-- **Not supported**: Softmax/LogSoftmax (export logits instead), branches and skip connections,
-  several inputs or outputs, Pad, Transpose of computed tensors, 1-D/3-D conv and pooling, dilated
-  average pooling, quantised (integer) weights, non-default domains.
+- **Inputs without a batch axis.** A model whose input has rank 1 (e.g. (784,) -> MatMul ->
+  (10,)), or whose output has rank 1 while the input's first axis has a fixed size (a single
+  (3, 32, 32) image -> (10,)), describes one sample. The graph serves it as a batch anyway: its
+  `input_shape` is the whole declared input shape, every op works on a batch axis prepended to
+  the ONNX shapes (so ONNX axis k is graph axis k + 1), and the output is (batch, n_classes). An
+  Unsqueeze of axis 0 that such a model makes before a Conv, Gemm, pooling or BatchNormalization
+  becomes the batch axis, and the Squeeze of it afterwards gives it back.
+- **Not supported**: Softmax/LogSoftmax (export logits instead), several inputs or outputs,
+  MatMul or Div of two computed tensors, reflect/edge padding, negative slice steps, other
+  reductions, 1-D/3-D conv and pooling, dilated average pooling, quantised (integer) weights,
+  non-default domains.
 
-Reading and checking the file live in `verifier.onnx.reading`, constant folding in
-`verifier.onnx.folding`, reshape arithmetic in `verifier.onnx.shapes`; cutting a larger model
-at its first boxed parameter (a frozen prefix run by onnxruntime) in `verifier.onnx.prefix`.
+Reading and checking the file live in `verifier.onnx.reading`, the first pass over the nodes
+(which matter, in what order, who reads what) in `verifier.onnx.index`, constant folding in
+`verifier.onnx.folding`, reshape arithmetic in `verifier.onnx.shapes`, batch-axis bookkeeping
+and the value-moving nodes in `verifier.onnx.layout`; cutting a larger model at its first boxed
+parameter (a frozen prefix run by onnxruntime) in `verifier.onnx.prefix`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,32 +65,55 @@ from onnx import NodeProto
 
 from verifier.errors import GraphError
 from verifier.graph import (
-    Activation,
+    Binary,
+    Conv,
     Graph,
     Linear,
     Op,
     Pool,
     Reshape,
-    apply_op,
+    Transpose,
+    apply_node,
 )
 from verifier.onnx.converters import (
     ACTIVATIONS,
     ELEMENTWISE,
-    FLOAT_TYPES,
+    PASS_THROUGH,
     POOLS,
     RESHAPES,
     SUPPORTED_OPS,
+    activation_op,
     affine_scale,
-    batchnorm_ops,
+    batchnorm_elementwise,
+    batchnorm_factors,
     bias_parameter,
+    can_fold_batchnorm,
     check_pass_through,
     conv_op,
     elementwise_op,
+    fold_batchnorm,
     gemm_op,
     pool_op,
     weight_parameter,
 )
-from verifier.onnx.folding import SHAPE_SOURCES, ConstantFolder
+from verifier.onnx.folding import ConstantFolder
+from verifier.onnx.index import NodeIndex
+from verifier.onnx.layout import (
+    TensorValue,
+    broadcast_layout,
+    broadcast_shape,
+    compose_perms,
+    concat_op,
+    conv_pads,
+    graph_ends,
+    lifted,
+    pad_amounts,
+    pad_op,
+    reduce_mean_ops,
+    slice_ops,
+    split_slices,
+    transpose_perm,
+)
 from verifier.onnx.reading import (
     check_model,
     load_checked_model,
@@ -79,19 +121,13 @@ from verifier.onnx.reading import (
     one_line,
     read_model,
 )
-from verifier.onnx.shapes import reshape_rule
+from verifier.onnx.shapes import int_input, reshaped
 
 __all__ = ["SUPPORTED_OPS", "check_model", "graph_from_model", "load_graph", "read_model"]
 
-_CUT_HINT = (
-    ' (or box only parameters after it, e.g. `parameters: ["head.*"]` in the spec, so that '
-    "the part before them runs frozen in onnxruntime)"
-)
-_HINTS = {"Pad": "fold the padding into the following Conv (padding=... in torch)"}
-
 
 def load_graph(path: Path) -> Graph:
-    """Load an ONNX classifier as a chain of typed ops whose forward pass matches onnxruntime.
+    """Load an ONNX classifier as a DAG of typed ops whose forward pass matches onnxruntime.
 
     Args:
         path: path to an .onnx file (external data is read relative to it).
@@ -102,16 +138,17 @@ def load_graph(path: Path) -> Graph:
 
     Raises:
         GraphError: the file is missing, empty, truncated or not ONNX; the checker or shape
-            inference rejects it; it has NaN/Inf constants, an unsupported op, a branch, several
-            inputs or outputs, an input shape other than (batch, *fixed), or an output other
-            than (batch, n_classes).
+            inference rejects it; it has NaN/Inf constants, an unsupported op, a cycle, several
+            inputs or outputs, an output no node produces, an input shape other than
+            (batch, *fixed) or fixed without a batch axis, a shape that cannot be resolved, or
+            an output other than (batch, n_classes).
     """
     path = Path(path)
     return graph_from_model(load_checked_model(path), path, stacklevel=3)
 
 
 def graph_from_model(model: onnx.ModelProto, path: Path, *, stacklevel: int = 2) -> Graph:
-    """Map a checked, shape-inferred model (see `load_checked_model`) onto a chain of ops.
+    """Map a checked, shape-inferred model (see `load_checked_model`) onto a DAG of ops.
 
     Args:
         model: the model, local functions inlined, inferred shapes in `graph.value_info`.
@@ -124,19 +161,15 @@ def graph_from_model(model: onnx.ModelProto, path: Path, *, stacklevel: int = 2)
     Raises:
         GraphError: as `load_graph`.
     """
-    builder = ChainBuilder(path, model)
+    builder = GraphBuilder(path, model)
     graph = builder.build()
     for note in builder.notes:
         warnings.warn(note, stacklevel=stacklevel)
     return graph
 
 
-def _prod(dims: Iterable[int]) -> int:
-    return math.prod(dims)
-
-
-class ChainBuilder:
-    """State of one `load_graph` call: constants, producers, consumers and the chain walk."""
+class GraphBuilder:
+    """State of one `load_graph` call: constants, producers, consumers and the DAG walk."""
 
     def __init__(self, path: Path, model: onnx.ModelProto) -> None:
         self.path = path
@@ -152,19 +185,26 @@ class ChainBuilder:
         self.constants = self.folder.values
         self.sources = self.folder.sources
         self.roots = self.folder.roots
-        self.producer: dict[str, NodeProto] = {}
-        self.consumers: dict[str, list[tuple[NodeProto, int]]] = {}
-        self.shape_tensors: set[str] = set()
-        self.chain_shapes: dict[str, tuple[int, ...]] = {}
         self.inferred = {
             v.name: v for v in [*self.graph.value_info, *self.graph.output, *self.graph.input]
         }
         self.parameters: dict[str, torch.Tensor] = {}
         self.parameter_roots: dict[str, str] = {}
         self.constant_roots: dict[str, str] = {}
-        self.visited: set[int] = set()
         self.notes: list[str] = []
         self.trust_inference = True
+        # the DAG being built: ONNX tensor -> its graph value; ops; graph tensor -> op index
+        self.values: dict[str, TensorValue] = {}
+        self.ops: list[Op] = []
+        self.writer: dict[str, int] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.skip: set[int] = set()
+        self.conv_pads: dict[str, tuple[int, int, int, int]] = {}
+        self.taken = {name for n in self.nodes for name in [*n.input, *n.output]}
+        self.taken |= {v.name for v in [*self.graph.input, *self.graph.output]}
+        self.index: NodeIndex
+        self.batched_model = True
+        self.batches: tuple[int, ...] = (1, 2, 3)
 
     # ----------------------------------------------------------------- messages
     def where(self, node: NodeProto) -> str:
@@ -178,112 +218,76 @@ class ChainBuilder:
         if self.graph.sparse_initializer:
             raise GraphError(f"{self.path}: sparse initializers are not supported; densify them")
         self.folder.add_initializers(self.graph)
-        input_name, input_shape, fixed_batch = self._graph_input()
-        output_name = self._graph_output()
-        self.batches = (fixed_batch,) if fixed_batch else (1, 2, 3)
-        self._classify_nodes()
-        ops = self._walk(input_name, input_shape, output_name)
-        self._check_all_visited()
+        self.taken |= set(self.constants)
+        ends = graph_ends(self.path, self.graph)
+        input_value, output_name = ends.input, ends.output_name
+        self.batched_model, self.batches = input_value.batched, ends.batches
+        self.index = NodeIndex(
+            self.path, self.nodes, self.folder, self.inferred, input_value.name, output_name
+        )
+        self.values[input_value.name] = input_value
+        self.shape_of[input_value.name] = input_value.shape
+        for node in self.index.computed:
+            if id(node) not in self.skip:
+                self._map(node)
+        logits = self._logits(output_name)
         self._check_untied()
-        shape = self.chain_shapes[output_name]
-        if len(shape) != 1:
-            raise GraphError(
-                f"{self.path}: output '{output_name}' has shape (batch, "
-                f"{', '.join(map(str, shape))}); a classifier must output (batch, n_classes)"
-            )
         return Graph(
-            ops=tuple(ops),
+            ops=tuple(self.ops),
             parameters=self.parameters,
-            input_name=input_name,
-            input_shape=input_shape,
+            input_name=input_value.name,
+            input_shape=input_value.shape,
             output_name=output_name,
-            n_classes=shape[0],
+            n_classes=logits.shape[0],
         )
 
-    def _graph_input(self) -> tuple[str, tuple[int, ...], int | None]:
-        inits = {i.name for i in self.graph.initializer}
-        inputs = [i for i in self.graph.input if i.name not in inits]
-        if len(inputs) != 1:
-            names = ", ".join(f"'{i.name}'" for i in inputs) or "none"
+    def _logits(self, output: str) -> TensorValue:
+        """The output value as (batch, n_classes), written by an op named after the output."""
+        value = self.values[output]
+        if not value.batched and len(value.shape) == 2 and value.shape[0] == 1:
+            value = self._as_batched(self.index.producer[output], value)
+        if len(value.shape) != 1:
             raise GraphError(
-                f"{self.path}: the graph must have exactly one input, found {len(inputs)} "
-                f"({names}); export a single-input classifier"
+                f"{self.path}: output '{output}' has shape (batch, "
+                f"{', '.join(map(str, value.shape))}); a classifier must output (batch, n_classes)"
             )
-        value = inputs[0]
-        what = f"{self.path}: input '{value.name}'"
-        ttype = value.type.tensor_type
-        if not value.type.HasField("tensor_type") or ttype.elem_type not in FLOAT_TYPES:
-            raise GraphError(f"{what}: must be a floating-point tensor")
-        if not ttype.HasField("shape") or len(ttype.shape.dim) < 2:
+        if value.name not in self.writer:
             raise GraphError(
-                f"{what}: its shape is unknown or has rank < 2; export with a declared input "
-                "shape (batch, *sample_shape)"
+                f"{self.path}: output '{output}' is the graph input passed through; there is "
+                "nothing to bound, export a classifier"
             )
-        dims = list(ttype.shape.dim)
-        sample: list[int] = []
-        for axis, dim in enumerate(dims[1:], start=1):
-            if not dim.HasField("dim_value") or dim.dim_value <= 0:
-                shown = dim.dim_param or "unknown"
-                raise GraphError(
-                    f"{what}: axis {axis} is '{shown}', not a fixed size; only the batch axis "
-                    "(axis 0) may be symbolic, fix the others when exporting"
-                )
-            sample.append(dim.dim_value)
-        fixed = dims[0].dim_value if dims[0].HasField("dim_value") else None
-        return value.name, tuple(sample), fixed or None
+        if value.name != output:
+            self._rename(value.name, output)
+        needed = {output}
+        kept: list[Op] = []
+        for op in reversed(self.ops):
+            if op.output in needed:  # ops the output does not depend on (cancelled Transposes)
+                kept.append(op)
+                needed.update(op.inputs)
+        self.ops = kept[::-1]
+        return value
 
-    def _graph_output(self) -> str:
-        outputs = list(self.graph.output)
-        if len(outputs) != 1:
-            names = ", ".join(f"'{o.name}'" for o in outputs) or "none"
-            raise GraphError(
-                f"{self.path}: the graph must have exactly one output (the logits), found "
-                f"{len(outputs)} ({names}); export only the logits"
-            )
-        dims = outputs[0].type.tensor_type.shape.dim
-        if outputs[0].type.tensor_type.HasField("shape") and len(dims) != 2:
-            raise GraphError(
-                f"{self.path}: output '{outputs[0].name}' has rank {len(dims)}; a classifier "
-                "must output (batch, n_classes)"
-            )
-        return outputs[0].name
+    def _rename(self, old: str, new: str) -> None:
+        def swap(name: str) -> str:
+            return new if name == old else name
+
+        self.ops = [
+            replace(op, inputs=tuple(swap(i) for i in op.inputs), output=swap(op.output))
+            for op in self.ops
+        ]
+
+    def _exclusive(self, node: NodeProto, tensor: str) -> bool:
+        """Whether `node` is the only reader of the values of graph tensor behind `tensor`,
+        also through the pass-through nodes (Identity, Dropout, Cast) in between."""
+        while True:
+            if self.index.sole_user(tensor) is not node:
+                return False
+            made = self.index.producer.get(tensor)
+            if made is None or made.op_type not in PASS_THROUGH:
+                return self.values[tensor].name == tensor
+            node, tensor = made, made.input[0]
 
     # ----------------------------------------------------------------- constants
-    def _classify_nodes(self) -> None:
-        """Fold constant-only nodes; index the others by producer and consumer."""
-        for node in self.nodes:
-            if node.domain not in ("", "ai.onnx"):
-                raise self.fail(
-                    node, f"ops of domain '{node.domain}' are not supported; export standard ONNX"
-                )
-            if self.folder.try_fold(node, self.inferred):
-                continue
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for index, name in enumerate(node.input):
-                if name and name not in self.constants:
-                    self.consumers.setdefault(name, []).append((node, index))
-            dynamic = [i for i in node.input if i and i not in self.constants]
-            if node.op_type in SHAPE_SOURCES or (
-                dynamic and all(i in self.shape_tensors for i in dynamic)
-            ):
-                self.shape_tensors.update(o for o in node.output if o)
-            elif node.op_type not in SUPPORTED_OPS:
-                raise self.fail(node, self._unsupported(node))
-
-    def _unsupported(self, node: NodeProto) -> str:
-        what = f"op type '{node.op_type}' is not supported"
-        if node.op_type in ("Softmax", "LogSoftmax"):
-            if node.output[0] == self.graph.output[0].name:
-                return f"{what}; the bound engine needs logits: export without the final Softmax"
-            return (
-                f"{what} inside the network; only a chain of the supported ops can be bounded"
-                f"{_CUT_HINT}"
-            )
-        hint = _HINTS.get(node.op_type, "rewrite the model with supported ops")
-        return f"{what}; {hint}{_CUT_HINT}"
-
     def constant(self, node: NodeProto, name: str) -> np.ndarray:
         """A constant used as a constant (not a parameter); remember where it came from."""
         for root in self.roots.get(name, frozenset()):
@@ -316,6 +320,10 @@ class ChainBuilder:
         self.parameter_roots.setdefault(source, self.names[id(node)])
         return source, transposed
 
+    def int_input(self, node: NodeProto, index: int) -> list[int]:
+        """The integers of input `index` of `node` (see `verifier.onnx.shapes.int_input`)."""
+        return int_input(self, node, index)
+
     def _check_untied(self) -> None:
         for root, user in self.parameter_roots.items():
             if root in self.constant_roots:
@@ -325,220 +333,289 @@ class ChainBuilder:
                     "(e.g. export without constant deduplication)"
                 )
 
-    # ----------------------------------------------------------------- the chain
-    def _users(self, tensor: str) -> list[NodeProto]:
-        users: list[NodeProto] = []
-        for node, _ in self.consumers.get(tensor, []):
-            if node.op_type not in SHAPE_SOURCES and all(node is not u for u in users):
-                users.append(node)
-        return users
+    # ----------------------------------------------------------------- emitting ops
+    def _fresh(self, base: str) -> str:
+        k = 1
+        while f"{base}:{k}" in self.taken:
+            k += 1
+        self.taken.add(f"{base}:{k}")
+        return f"{base}:{k}"
 
-    def _walk(self, cur: str, shape: tuple[int, ...], output: str) -> list[Op]:
-        ops: list[Op] = []
-        self.chain_shapes[cur] = shape
-        while cur != output:
-            users = self._users(cur)
-            if not users:
-                raise GraphError(
-                    f"{self.path}: tensor '{cur}' is used by no node and is not the graph output "
-                    f"'{output}'; the output must be reached by a chain of nodes from the input"
-                )
-            if len(users) > 1:
-                names = ", ".join(f"'{self.names[id(u)]}'" for u in users)
-                raise GraphError(
-                    f"{self.path}: tensor '{cur}' feeds several nodes ({names}); only chains are "
-                    "supported (no branches or skip connections)"
-                )
-            node = users[0]
-            self._check_inputs(node, cur)
-            self.visited.add(id(node))
-            new_ops, out = self._map(node, cur, shape, ops, output)
-            for op in new_ops:
-                shape = self._probe(node, op, shape)
-                if isinstance(op, Pool) and op.ceil_mode:
-                    # onnx shape inference keeps ceil_mode windows that start in the end padding;
-                    # onnxruntime and torch drop them (see graph.pool_output_size): from here on
-                    # the inferred shapes may be off, so stop comparing with them
-                    self.trust_inference = False
-            ops.extend(new_ops)
-            self._check_inferred(node, out, shape)
-            self.chain_shapes[out] = shape
-            cur = out
-        return ops
+    def _emit(
+        self,
+        node: NodeProto,
+        ops: list[Op],
+        inputs: list[TensorValue],
+        out: str,
+        *,
+        batched: bool | None = None,
+    ) -> TensorValue:
+        """Append a chain of unwired ops (the first reads `inputs`), the last writing `out`.
 
-    def _check_inputs(self, node: NodeProto, cur: str) -> None:
-        if sum(1 for i in node.input if i == cur) != 1:
-            raise self.fail(node, f"uses tensor '{cur}' more than once; not supported")
-        for index, name in enumerate(node.input):
-            if not name or name == cur or name in self.constants:
-                continue
-            if name in self.shape_tensors and node.op_type == "Reshape" and index == 1:
-                continue
-            other = self.producer.get(name)
-            origin = f"node '{self.names[id(other)]}'" if other is not None else "a graph input"
-            raise self.fail(
-                node,
-                f"combines '{cur}' with the computed tensor '{name}' (from {origin}); only "
-                "chains whose side inputs are constants are supported",
-            )
-        for out in node.output[1:]:
-            if out and (out in self.consumers or out == self.graph.output[0].name):
-                raise self.fail(node, f"its extra output '{out}' is used; only the first may be")
+        Returns:
+            The value of the last op (or the first input when `ops` is empty).
+        """
+        if not ops:
+            return inputs[0]
+        names = [v.name for v in inputs]
+        shapes = [v.shape for v in inputs]
+        target = names[0]
+        for k, op in enumerate(ops):
+            target = out if k == len(ops) - 1 else self._fresh(out)
+            wired = replace(op, inputs=tuple(names), output=target)
+            shape = self._probe(node, wired, shapes)
+            if isinstance(op, Pool) and op.ceil_mode:
+                # onnx shape inference keeps ceil_mode windows that start in the end padding;
+                # onnxruntime and torch drop them (see graph.pool_output_size): from here on
+                # the inferred shapes may be off, so stop comparing with them
+                self.trust_inference = False
+            self.writer[target] = len(self.ops)
+            self.shape_of[target] = shape
+            self.ops.append(wired)
+            names, shapes = [target], [shape]
+        flag = inputs[0].batched if batched is None else batched
+        return TensorValue(target, shapes[0], flag)
 
-    def _map(
-        self, node: NodeProto, cur: str, shape: tuple[int, ...], ops: list[Op], output: str
-    ) -> tuple[list[Op], str]:
-        op = node.op_type
-        index = list(node.input).index(cur)
-        name = self.names[id(node)]
-        if op == "MatMul":
-            return self._matmul(node, index, shape, output)
-        if index != 0 and op not in ELEMENTWISE:
-            raise self.fail(node, f"takes '{cur}' as input {index}; it must be input 0")
-        if op == "Gemm":
-            return [gemm_op(self, node, shape)], node.output[0]
-        if op == "Conv":
-            return [conv_op(self, node, shape)], node.output[0]
-        if op == "BatchNormalization":
-            return batchnorm_ops(self, node, shape, ops), node.output[0]
-        if op in ACTIVATIONS:
-            return [Activation(name, ACTIVATIONS[op])], node.output[0]  # type: ignore[arg-type]
-        if op in ELEMENTWISE:
-            return [elementwise_op(self, node, index, shape)], node.output[0]
-        if op in RESHAPES:
-            new_shape = self._reshaped(node, shape)
-            ops_out = [] if new_shape == shape else [Reshape(name, new_shape)]
-            return ops_out, node.output[0]  # type: ignore[return-value]
-        if op in POOLS:
-            return [pool_op(self, node, shape)], node.output[0]
-        check_pass_through(self, node)
-        return [], node.output[0]
+    def _set(self, node: NodeProto, tensor: str, value: TensorValue, *, check: bool = True) -> None:
+        """Record the graph value of ONNX tensor `tensor`, checked against shape inference."""
+        self.values[tensor] = value
+        if check:
+            self._check_inferred(node, tensor, value)
 
-    def _probe(self, node: NodeProto, op: Op, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Per-sample output shape of `op`, computed on a meta tensor (no arithmetic)."""
+    def _probe(self, node: NodeProto, op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        """Per-sample output shape of `op`, computed on meta tensors (no arithmetic)."""
         try:
-            out = apply_op(op, torch.empty((1, *shape), device="meta"), self.parameters)
+            inputs = [torch.empty((1, *s), device="meta") for s in shapes]
+            out = apply_node(op, inputs, self.parameters)
         except Exception as err:  # noqa: BLE001 - torch reports shape errors in several types
+            shown = " and ".join(map(str, shapes))
             raise self.fail(
-                node, f"cannot be applied to a sample of shape {shape} ({one_line(err)})"
+                node, f"cannot be applied to a sample of shape {shown} ({one_line(err)})"
             ) from err
         return tuple(out.shape[1:])
 
-    def _check_inferred(self, node: NodeProto, out: str, shape: tuple[int, ...]) -> None:
-        value = self.inferred.get(out)
-        if (
-            not self.trust_inference
-            or value is None
-            or not value.type.tensor_type.HasField("shape")
-        ):
+    def _check_inferred(self, node: NodeProto, tensor: str, value: TensorValue) -> None:
+        info = self.inferred.get(tensor)
+        if not self.trust_inference or info is None or not info.type.tensor_type.HasField("shape"):
             return
-        dims = value.type.tensor_type.shape.dim
-        onnx_dims = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
-        if len(dims) != len(shape) + 1 or any(
-            d is not None and d != s for d, s in zip(onnx_dims, shape, strict=True)
+        dims = list(info.type.tensor_type.shape.dim)
+        onnx_dims = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if value.batched:
+            onnx_dims = onnx_dims[1:]
+        if len(dims) != value.onnx_rank or any(
+            d is not None and d != s for d, s in zip(onnx_dims, value.shape, strict=True)
         ):
             shown = ", ".join("?" if d is None else str(d) for d in onnx_dims)
+            what = "per-sample shape" if value.batched else "shape"
             raise self.fail(
                 node,
-                f"ONNX infers per-sample shape ({shown}) but this op maps to {shape}; "
+                f"ONNX infers {what} ({shown}) but this op maps to {value.shape}; "
                 "this configuration is not supported",
             )
 
-    def _check_all_visited(self) -> None:
-        for node in self.nodes:
-            if node.output and node.output[0] in self.producer and id(node) not in self.visited:
-                if node.output[0] in self.shape_tensors:
-                    continue
-                raise self.fail(
-                    node,
-                    "is not on the chain from the graph input to the graph output; "
-                    "only single-path graphs are supported",
-                )
+    def _as_batched(self, node: NodeProto, value: TensorValue) -> TensorValue:
+        """`value` with the batch axis first: a tensor without one must start with an axis of
+        size 1 (a model of one sample unsqueezes it before a Conv or Gemm), which becomes the
+        batch axis."""
+        if value.batched:
+            return value
+        if value.shape[:1] != (1,):
+            raise self.fail(
+                node,
+                f"needs its input as (N, ...), but the model has no batch axis and the input "
+                f"has shape {value.shape}; only N = 1 (one sample) is supported",
+            )
+        name = self.names[id(node)]
+        return self._emit(
+            node, [Reshape(name, value.shape[1:])], [value], self._fresh(value.name), batched=True
+        )
 
-    # ----------------------------------------------------------------- affine ops
+    # ----------------------------------------------------------------- the walk
+    def _map(self, node: NodeProto) -> None:
+        op = node.op_type
+        if op != "Split":
+            for out in node.output[1:]:
+                if out and (self.index.users(out) or out == self.index.output_name):
+                    raise self.fail(
+                        node, f"its extra output '{out}' is used; only the first may be"
+                    )
+        out = node.output[0]
+        if op in PASS_THROUGH:
+            check_pass_through(self, node)
+            self._set(node, out, self.values[node.input[0]])
+        elif op == "MatMul":
+            self._matmul(node)
+        elif op in ELEMENTWISE:
+            self._elementwise(node)
+        elif op == "BatchNormalization":
+            self._batchnorm(node)
+        elif op == "Transpose":
+            self._transpose(node)
+        elif op == "Pad":
+            self._pad(node)
+        elif op == "Split":
+            self._split(node)
+        elif op == "Concat":
+            values = [self.values[i] for i in node.input if i in self.values]
+            concat = concat_op(self, node, values)
+            self._set(node, out, self._emit(node, [concat], values, out))
+        else:
+            value = self.values[node.input[0]]
+            ops: list[Op]
+            if op == "Gemm":
+                value = self._as_batched(node, value)
+                ops = [gemm_op(self, node, value.shape)]
+            elif op == "Conv":
+                extra = self.conv_pads.get(node.input[0])
+                value = self._as_batched(node, value)
+                ops = [conv_op(self, node, value.shape, extra)]
+            elif op in POOLS:
+                value = self._as_batched(node, value)
+                ops = [pool_op(self, node, value.shape)]
+            elif op in ACTIVATIONS:
+                ops = [activation_op(self, node)]
+            elif op in RESHAPES:
+                shape, batched = (result := reshaped(self, node, value)).shape, result.batched
+                index = self.writer.get(value.name)
+                if index is not None and isinstance(self.ops[index], Reshape):
+                    # one reshape instead of two (the first is dropped if nothing else reads it)
+                    source = self.ops[index].inputs[0]
+                    value = TensorValue(source, self.shape_of[source], value.batched)
+                ops = [] if shape == value.shape else [Reshape(self.names[id(node)], shape)]
+                result = self._emit(node, ops, [value], out)
+                self._set(node, out, TensorValue(result.name, shape, batched))
+                return
+            elif op == "Slice":
+                ops = slice_ops(self, node, value)
+            else:  # ReduceMean
+                ops = reduce_mean_ops(self, node, value)
+            self._set(node, out, self._emit(node, ops, [value], out))
 
-    def _matmul(
-        self, node: NodeProto, index: int, shape: tuple[int, ...], output: str
-    ) -> tuple[list[Op], str]:
-        if index != 0:
+    def _matmul(self, node: NodeProto) -> None:
+        if node.input[0] in self.constants:
             raise self.fail(node, "the computed tensor must be the left operand (x @ W)")
-        if self.constants.get(node.input[1], np.zeros(0)).ndim != 2:
+        if node.input[1] not in self.constants:
+            raise self.fail(
+                node,
+                f"multiplies two computed tensors ('{node.input[0]}' @ '{node.input[1]}'); "
+                "only x @ W with a constant W is supported",
+            )
+        if self.constants[node.input[1]].ndim != 2:
             raise self.fail(node, f"its right operand '{node.input[1]}' must be a 2-D constant")
+        value = self.values[node.input[0]]
         source, transposed = weight_parameter(self, node, node.input[1])
         n_out = self.constants[node.input[1]].shape[1]
         layout = "out_in" if transposed else "in_out"
         out = node.output[0]
-        users = self._users(out) if out != output else []
-        bias, scale = None, None
-        if len(users) == 1 and users[0].op_type == "Add" and not self._shape_users(out):
-            add = users[0]
+        add = self.index.sole_user(out)
+        bias, scale, final = None, None, out
+        if add is not None and add.op_type == "Add":
             others = [i for i in add.input if i != out]
-            value = self.constants.get(others[0]) if len(others) == 1 else None
-            if value is not None and value.size == n_out and value.shape[-1:] == (n_out,):
-                if value.ndim <= len(shape) + 1:
-                    self._check_inputs(add, out)
-                    self.visited.add(id(add))
+            constant = self.constants.get(others[0]) if len(others) == 1 else None
+            if constant is not None and constant.size == n_out and constant.shape[-1:] == (n_out,):
+                if constant.ndim <= value.onnx_rank:
+                    self.skip.add(id(add))
                     bias, shift = bias_parameter(self, add, others[0], n_out)
                     scale = affine_scale(n_out, 1.0, 1.0, shift)
-                    out = add.output[0]
-        op = Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
-        return [op], out
+                    final = add.output[0]
+        linear = Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
+        result = self._emit(node, [linear], [value], final)
+        self._set(node, out, result)  # the product has the shape of the sum (read by Shape only)
+        if final != out:
+            self._set(node, final, result)
 
-    def _shape_users(self, tensor: str) -> bool:
-        return any(n.op_type in SHAPE_SOURCES for n, _ in self.consumers.get(tensor, []))
-
-    # ----------------------------------------------------------------- other ops
-
-    # ----------------------------------------------------------------- reshapes
-    def _reshaped(self, node: NodeProto, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """Per-sample output shape of a reshape-like node, proven to keep samples apart."""
-        results: dict[int, tuple[int, ...]] = {}
-        problems: list[str] = []
-        for batch in self.batches:
-            full = (batch, *shape)
-            try:
-                results[batch] = reshape_rule(node, self._shape_value)(full, batch)
-            except ValueError as err:
-                problems.append(f"input {full}: {err}")
-            else:
-                if results[batch][:1] != (batch,):
-                    problems.append(f"input {full} -> {results[batch]}")
-        rests = {out[1:] for out in results.values()}
-        if problems or len(rests) != 1 or _prod(next(iter(rests))) != _prod(shape):
-            seen = "; ".join(problems or [f"{(b, *shape)} -> {o}" for b, o in results.items()])
+    def _elementwise(self, node: NodeProto) -> None:
+        computed = [i for i, name in enumerate(node.input[:2]) if name not in self.constants]
+        out = node.output[0]
+        if len(computed) == 1:
+            value = self.values[node.input[computed[0]]]
+            op = elementwise_op(self, node, computed[0], value)
+            self._set(node, out, self._emit(node, [op], [value], out))
+            return
+        if node.op_type == "Div":
+            raise self.fail(
+                node, "divides two computed tensors; only division by a constant is supported"
+            )
+        first, second = self.values[node.input[0]], self.values[node.input[1]]
+        rank, batched = broadcast_layout(self, node, first, second)
+        first, second = self._lift(node, first, rank), self._lift(node, second, rank)
+        if broadcast_shape([first.shape, second.shape]) is None:
             raise self.fail(
                 node,
-                f"does not keep the batch axis ({seen}); reshape to (batch, ...) with -1 or 0 "
-                "in the first place",
+                f"its operands of per-sample shapes {first.shape} and {second.shape} do not "
+                "broadcast",
             )
-        return next(iter(rests))
+        binary = Binary(self.names[id(node)], ELEMENTWISE[node.op_type])  # type: ignore[arg-type]
+        self._set(node, out, self._emit(node, [binary], [first, second], out, batched=batched))
 
-    def _shape_value(self, name: str, batch: int) -> list[int]:
-        """Value of a shape tensor for a given batch size (constant or Shape-derived)."""
-        if name in self.constants:
-            return [int(v) for v in np.asarray(self.constants[name]).reshape(-1)]
-        return [int(v) for v in np.asarray(self._eval_shape(name, batch, {})).reshape(-1)]
+    def _lift(self, node: NodeProto, value: TensorValue, rank: int) -> TensorValue:
+        """`value` with leading per-sample axes of size 1 up to `rank` (ONNX broadcasting)."""
+        if len(value.shape) == rank:
+            return value
+        reshape = Reshape(self.names[id(node)], lifted(value.shape, rank))
+        return self._emit(node, [reshape], [value], self._fresh(value.name))
 
-    def _eval_shape(self, name: str, batch: int, memo: dict[str, np.ndarray]) -> np.ndarray:
-        if name in self.constants:
-            return self.constants[name]
-        if name in memo:
-            return memo[name]
-        node = self.producer[name]
-        if node.op_type in SHAPE_SOURCES:
-            source = node.input[0]
-            if source not in self.chain_shapes:
-                raise self.fail(node, f"takes the shape of '{source}', which is not yet computed")
-            full = np.array([batch, *self.chain_shapes[source]], dtype=np.int64)
-            if node.op_type == "Size":
-                values = [np.array(_prod(full), dtype=np.int64)]
-            else:
-                attrs = node_attributes(node)
-                start, end = attrs.get("start", 0), attrs.get("end")
-                values = [full[start:end]]
-        else:
-            feeds = {i: self._eval_shape(i, batch, memo) for i in node.input if i}
-            values = self.folder.evaluate(node, feeds)
-        for out, value in zip(node.output, values, strict=False):
-            memo[out] = np.asarray(value)
-        return memo[name]
+    def _batchnorm(self, node: NodeProto) -> None:
+        out = node.output[0]
+        value = self._as_batched(node, self.values[node.input[0]])
+        k, t = batchnorm_factors(self, node, value.shape)
+        index = self.writer.get(value.name)
+        prev = self.ops[index] if index is not None else None
+        if (
+            index is not None
+            and isinstance(prev, Linear | Conv)
+            and can_fold_batchnorm(prev, value.shape)
+            and self._exclusive(node, node.input[0])
+        ):
+            self.ops[index] = fold_batchnorm(prev, k, t)
+            self._set(node, out, value)
+            return
+        ops = batchnorm_elementwise(self, node, value.shape, k, t)
+        self._set(node, out, self._emit(node, ops, [value], out))
+
+    def _transpose(self, node: NodeProto) -> None:
+        out = node.output[0]
+        value = self.values[node.input[0]]
+        perm = transpose_perm(self, node, value)
+        index = self.writer.get(value.name)
+        prev = self.ops[index] if index is not None else None
+        if isinstance(prev, Transpose):
+            # one permutation instead of two; none when they cancel (NHWC <-> NCHW pairs)
+            perm = compose_perms(prev.perm, perm)
+            source = prev.inputs[0]
+            value = TensorValue(source, self.shape_of[source], value.batched)
+        if perm == tuple(range(len(perm))):
+            self._set(node, out, value)
+            return
+        transpose = Transpose(self.names[id(node)], perm)
+        self._set(node, out, self._emit(node, [transpose], [value], out))
+
+    def _pad(self, node: NodeProto) -> None:
+        out = node.output[0]
+        value = self.values[node.input[0]]
+        amounts, fill = pad_amounts(self, node, value)
+        if all(p == (0, 0) for p in amounts):
+            self._set(node, out, value)
+            return
+        pads = conv_pads(amounts, fill) if value.batched else None
+        user = self.index.sole_user(out, shapes_too=True)
+        if (
+            pads is not None
+            and user is not None
+            and user.op_type == "Conv"
+            and user.input[0] == out
+            and node_attributes(user).get("auto_pad", "NOTSET") in ("NOTSET", "")
+        ):
+            # the Conv reads the unpadded tensor and pads it itself
+            self.conv_pads[out] = pads
+            self._set(node, out, value, check=False)
+            return
+        self._set(node, out, self._emit(node, [pad_op(self, node, amounts, fill)], [value], out))
+
+    def _split(self, node: NodeProto) -> None:
+        value = self.values[node.input[0]]
+        for out, piece in zip(node.output, split_slices(self, node, value), strict=True):
+            if not out or not self.index.is_read(out):
+                continue
+            whole = piece.start == 0 and piece.stop == value.shape[piece.axis - 1]
+            self._set(node, out, self._emit(node, [] if whole else [piece], [value], out))

@@ -9,8 +9,11 @@ cut there:
 - the **frozen prefix** is every node the cut tensor depends on. It runs in onnxruntime, so it
   may use any op; it must have one graph input, fed from the data set's samples;
 - the **suffix** is every node that depends on the cut tensor. It is parsed by
-  `verifier.onnx.importer` into a `Graph` whose input is the cut tensor, so it must be a chain the
-  bound engine supports, and it may read nothing else computed before the cut.
+  `verifier.onnx.importer` into a `Graph` whose input is the cut tensor, so it must use only ops
+  the bound engine supports. It may branch and join again (residual blocks), but the cut tensor
+  must be the only computed tensor that crosses the cut: a node after it that also reads a
+  tensor computed before it (a skip connection across the cut) is refused, naming the node.
+  A model whose input has no batch axis (see `verifier.onnx.importer`) is not cut.
 
 `load_split_model` returns a `PrefixedGraph`: the suffix `Graph` (what search, bounds and
 certificates see: its parameters are the suffix's) plus the `FrozenPrefix`.
@@ -41,6 +44,7 @@ from verifier.errors import DataError, GraphError
 from verifier.graph import Graph
 from verifier.onnx.folding import SHAPE_SOURCES, constant_roots
 from verifier.onnx.importer import SUPPORTED_OPS, graph_from_model, load_graph
+from verifier.onnx.layout import declared_dims, lacks_batch_axis
 from verifier.onnx.reading import load_checked_model, one_line
 
 OnBatch = Callable[[int, int], None]
@@ -294,7 +298,7 @@ def load_bounded_graph(
 
     Raises:
         GraphError: the model cannot be read, or the part from the first boxed parameter on is
-            not a chain the bound engine supports (the message names the ops).
+            not a graph the bound engine supports (the message names the ops).
         SpecError: a pattern matches no initializer.
     """
     try:
@@ -328,15 +332,17 @@ def load_split_model(
 
     Raises:
         SpecError: a pattern matches no initializer.
-        GraphError: the cut tensor has no fixed per-sample shape, the suffix is not a supported
-            chain or reads a tensor computed before the cut, a boxed parameter is used before
-            the cut, or the prefix cannot run in onnxruntime.
+        GraphError: the cut tensor has no fixed per-sample shape, the suffix has unsupported
+            ops or reads another tensor computed before the cut, a boxed parameter is used
+            before the cut, the input has no batch axis, or the prefix cannot run in
+            onnxruntime.
     """
     path = Path(path)
     model = load_checked_model(path)
     cut = _Cut(path, model, boxed)
     if cut.tensor in cut.graph_inputs:
         return graph_from_model(model, path, stacklevel=3)
+    cut.check_batch_axis()
     suffix_model = cut.suffix_model()
     try:
         suffix = graph_from_model(suffix_model, path, stacklevel=3)
@@ -390,6 +396,23 @@ class _Cut:
                 f"({', '.join(dynamic)}); the model can only be cut where one tensor flows"
             )
         self.tensor = dynamic[0]
+
+    def check_batch_axis(self) -> None:
+        """Refuse to cut a model whose input has no batch axis: the prefix runs on batches.
+
+        Raises:
+            GraphError: the model's input has no batch axis.
+        """
+        inputs = [i for i in self.graph.input if i.name in self.graph_inputs]
+        if len(inputs) != 1 or len(self.graph.output) != 1:
+            return
+        dims = declared_dims(inputs[0])
+        if dims and lacks_batch_axis(dims, declared_dims(self.graph.output[0])):
+            raise GraphError(
+                f"{self.path}: input '{inputs[0].name}' has no batch axis, so the model cannot be "
+                f"cut ({self.describe()}); box every parameter (`parameters: all`), or export "
+                "the model with a batch axis first"
+            )
 
     def describe(self) -> str:
         node = self.nodes[self.index]
@@ -455,15 +478,15 @@ class _Cut:
                     raise GraphError(
                         f"{self.path}: node '{self.names[index]}' ({node.op_type}) after the cut "
                         f"also reads '{name}', computed before it (a skip connection across the "
-                        f"cut); {self.describe()}; box parameters from a point after which the "
-                        "network is one chain"
+                        f"cut); {self.describe()}; box parameters from a point that only one "
+                        "computed tensor crosses (e.g. the start of a residual block)"
                     )
         for index, node in enumerate(self.nodes):
             if self._is_dynamic(node) and index not in inside and self._uses(node):
                 raise GraphError(
                     f"{self.path}: boxed parameter '{sorted(self._uses(node))[0]}' is used by "
                     f"node '{self.names[index]}' ({node.op_type}), which does not follow the "
-                    f"cut ({self.describe()}); box parameters of one chain after the cut"
+                    f"cut ({self.describe()}); box parameters that all come after the cut"
                 )
         output = self.graph.output[0].name if self.graph.output else ""
         if output not in produced:
