@@ -110,3 +110,37 @@ def test_search_with_layer_log_width_opens_every_tensor() -> None:
     assert all(float((w > 0).double().mean()) > 0.5 for w in widths.values()), {
         n: float((w > 0).double().mean()) for n, w in widths.items()
     }
+
+
+def test_search_with_linear_bounds_returns_a_box_proved_by_best() -> None:
+    graph = load_model(Path("onnx_models/digits_mlp.onnx"))
+    data = load_dataset("digits", split="test")
+    x, y = data.x[:200], data.y[:200]
+    task = SearchTask("digits", "accuracy", 0.85, x[:140], y[:140], x[140:], y[140:])
+    config = SearchSection(iterations=30, batch_size=140, lr=1.0, bound="linear")
+    result = search_lid(graph, [task], config, names=list(graph.parameters))
+    assert result.feasible and result.box.size("mean_width") > 0
+    proved = hard_metrics(graph, result.box, [task], method="best")
+    assert proved == result.hard and proved[0] >= 0.85
+    mask, _ = certify_samples(graph, result.box, x, y, method="best")
+    ibp_mask, _ = certify_samples(graph, result.box, x, y, method="ibp")
+    assert bool((mask | ~ibp_mask).all())  # best never certifies fewer than ibp
+
+
+def test_linear_schedule_warm_start_and_every() -> None:
+    from verifier.search.box import uses_linear
+    from verifier.spec import LinearBoundSection
+
+    config = SearchSection(bound="linear", linear=LinearBoundSection(warm_start=2, every=3))
+    assert [uses_linear(config, i) for i in range(1, 10)] == [
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+        False,
+        False,
+        True,
+    ]
+    assert not any(uses_linear(SearchSection(), i) for i in range(1, 5))

@@ -271,3 +271,23 @@ def test_missing_spec_file_is_a_spec_error(tmp_path: Path) -> None:
 def test_parse_spec_rejects_a_non_mapping() -> None:
     with pytest.raises(SpecError, match="^inline.yaml: expected a mapping"):
         parse_spec(["model"], source=Path("inline.yaml"))
+
+
+def _minimal(**search: Any) -> dict[str, Any]:
+    return {"model": "m.onnx", "data": {"name": "digits"}, "search": search}
+
+
+def test_linear_search_proves_with_best_unless_told_otherwise(tmp_path: Path) -> None:
+    implicit = parse_spec(_minimal(bound="linear"), source=tmp_path / "s.yaml")
+    assert implicit.certify.method == "best"
+    raw = _minimal(bound="linear") | {"certify": {"method": "ibp"}}
+    explicit = parse_spec(raw, source=tmp_path / "s.yaml")
+    assert explicit.certify.method == "ibp"
+    assert parse_spec(_minimal(), source=tmp_path / "s.yaml").certify.method == "ibp"
+
+
+def test_linear_options_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"search\.linear\.every"):
+        parse_spec(_minimal(bound="linear", linear={"every": 0}), source=tmp_path / "s.yaml")
+    with pytest.raises(SpecError, match=r"search\.linear\.slopes"):
+        parse_spec(_minimal(linear={"slopes": "magic"}), source=tmp_path / "s.yaml")

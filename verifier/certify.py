@@ -25,6 +25,7 @@ from scipy import stats
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.linear import linear_margin_bounds
 from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.bounds.zonotope import zonotope_margin_bounds
 from verifier.domains.box import Box
@@ -33,7 +34,7 @@ from verifier.graph import Graph
 
 BoundKind = Literal["clopper-pearson", "hoeffding"]
 Metric = Literal["accuracy", "balanced_accuracy"]
-CertMethod = Literal["ibp", "midrad", "crown-ibp", "best"]
+CertMethod = Literal["ibp", "midrad", "linear", "crown-ibp", "best"]
 
 
 def clopper_pearson_lower(k: int, n: int, beta: float) -> float:
@@ -118,13 +119,15 @@ def certify_samples(
     Args:
         graph: the network.
         box: the region of parameters: a Box, or a Zonotope (then the zonotope bounds of
-            `verifier.bounds.zonotope`, which include "ibp" over its interval hull; "crown-ibp"
-            and "best" add auto_LiRPA over the hull, a sound superset, and "midrad" is
-            dominated by "ibp" there).
+            `verifier.bounds.zonotope`, which include "ibp" over its interval hull; "linear"
+            and "best" add linear bounds over the hull, "crown-ibp" auto_LiRPA over it, both
+            sound supersets, and "midrad" is dominated by "ibp" there).
         x: inputs, shape (n, *input_shape).
         y: labels, shape (n,).
-        method: "ibp" (exact intervals), "midrad", "crown-ibp" (auto_LiRPA, Linear boxes
-            only) or "best" (a sample counts if any sound method proves it).
+        method: "ibp" (exact intervals), "midrad", "linear" (back-substitution over the box,
+            `verifier.bounds.linear`), "crown-ibp" (auto_LiRPA, Linear boxes only) or "best"
+            (per sample and class the tighter of "ibp" and "linear"; both carry a derived
+            float64 rounding allowance).
         chunk_size: samples per bound pass.
         on_chunk: called with the number of samples done after each chunk.
 
@@ -161,18 +164,18 @@ def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) ->
         out.append(
             margin_bounds(graph, box.lower, box.upper, x, y, rule="midrad", track_rounding=True)
         )
-    if method in ("crown-ibp", "best"):
+    if method in ("linear", "best"):
+        linear = linear_margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True)
+        out = [combine_margin_bounds(out[0], linear)] if method == "best" else [linear]
+    if method == "crown-ibp":
         from verifier.bounds.lirpa import lirpa_margin_bounds
 
-        ibp = (
-            out[0] if out else margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True)
-        )
+        ibp = margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True)
         lower = lirpa_margin_bounds(graph, box.lower, box.upper, x, y, method="crown-ibp")
         # auto_LiRPA tracks no rounding: allow 1000x the interval pass's float64 error bound,
         # whose magnitudes dominate CROWN's (same weights, same activations), plus 1e-9.
         assert ibp.rounding is not None
-        crown = MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9)
-        out = [combine_margin_bounds(ibp, crown)] if method == "best" else [crown]
+        out = [MarginBounds(lower, 1000.0 * ibp.rounding + 1e-9)]
     return out
 
 
@@ -184,8 +187,10 @@ def _zonotope_proofs(
             graph, zonotope.lower, zonotope.upper, zonotope.generators, x, y, track_rounding=True
         )
     ]
-    if method in ("crown-ibp", "best"):
-        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, "crown-ibp"))
+    if method in ("linear", "crown-ibp", "best"):
+        # the interval hull is a superset of the zonotope: a proof there holds for it too
+        hull_method: CertMethod = "linear" if method == "best" else method
+        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, hull_method))
     return out
 
 

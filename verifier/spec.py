@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from verifier.errors import SpecError
 
@@ -78,6 +78,25 @@ class ImportanceSection(_Section):
     n_samples: int = Field(512, ge=1)
 
 
+class LinearBoundSection(_Section):
+    """Options of the linear-bound engine (`search.bound: linear`; `verifier.bounds.linear`)."""
+
+    intermediate: Literal["ibp", "crown"] = Field(
+        "ibp",
+        description="Pre-activation bounds: from intervals (CROWN-IBP, cheap) or from "
+        "back-substitution to every layer (CROWN, tighter, cost grows with depth squared).",
+    )
+    slopes: Literal["adaptive", "optimized"] = Field(
+        "adaptive", description="Lower ReLU slopes: adaptive (0 or 1) or optimised by gradient."
+    )
+    warm_start: int = Field(
+        0, ge=0, description="Iterations of interval bounds before the linear bounds start."
+    )
+    every: int = Field(
+        1, ge=1, description="Use the linear bounds every k-th iteration (intervals otherwise)."
+    )
+
+
 class SearchSection(_Section):
     """The primal-dual LID search."""
 
@@ -98,7 +117,12 @@ class SearchSection(_Section):
     )
     checkpoint_every: int = Field(20, ge=1)
     max_width: float | None = Field(None, gt=0.0)
-    bound: Literal["ibp", "midrad"] = "ibp"
+    bound: Literal["ibp", "midrad", "linear"] = Field(
+        "ibp",
+        description="Bounds that drive the search: intervals (exact products), the paper's "
+        "midpoint-radius intervals, or linear bounds over the box (`search.linear`).",
+    )
+    linear: LinearBoundSection = LinearBoundSection()
     init_width: float = Field(1e-6, ge=0.0)
     target_slack: Literal["auto"] | float = Field(
         "auto",
@@ -174,7 +198,12 @@ class CertifySection(_Section):
     )
     beta: float = Field(1e-3, gt=0.0, lt=0.5)
     bound: Literal["clopper-pearson", "hoeffding"] = "clopper-pearson"
-    method: Literal["ibp", "midrad", "crown-ibp", "best"] = "ibp"
+    method: Literal["ibp", "midrad", "linear", "crown-ibp", "best"] = Field(
+        "ibp",
+        description="Bound that proves samples: ibp, midrad, linear (our back-substitution over "
+        "the box), crown-ibp (auto_LiRPA, Linear boxes only) or best (per sample and class the "
+        "tighter of ibp and linear). Default: best when search.bound is linear, else ibp.",
+    )
     split_seed: int = 0
 
 
@@ -191,6 +220,14 @@ class Spec(_Section):
     search: SearchSection = SearchSection()
     certify: CertifySection = CertifySection()
     device: str = "cpu"
+
+    @model_validator(mode="after")
+    def _default_method(self) -> Spec:
+        # a search driven by linear bounds needs them in its proofs too, or its box fails
+        if self.search.bound == "linear" and "method" not in self.certify.model_fields_set:
+            certify = self.certify.model_copy(update={"method": "best"})
+            object.__setattr__(self, "certify", certify)
+        return self
 
     @field_validator("tasks")
     @classmethod

@@ -25,7 +25,7 @@ its margin lower bound exceeds it (see `verifier.certify`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import torch
@@ -326,6 +326,55 @@ def propagate(
         else:
             env[op.output] = walker.step(op, *env[op.inputs[0]])
     return env[ops[-1].output if ops else graph.input_name]
+
+
+Enclosed = tuple[Interval, Tensor | None]
+"""An enclosure of one tensor and, in proof mode, the float error bound of its endpoints."""
+
+
+def propagate_tensors(
+    graph: Graph,
+    lower: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    rule: Rule = "exact",
+    track_rounding: bool = False,
+    refine: Callable[[Op, dict[str, Enclosed]], Enclosed | None] | None = None,
+) -> dict[str, Enclosed]:
+    """Enclose every tensor of the graph for every parameter vector in the box.
+
+    The same walk as `propagate`, keeping every tensor. `refine`, when given, is called after
+    each op with the op and the enclosures so far (its output included); a non-None result
+    replaces the op's output enclosure before later ops read it. It must return a sound
+    enclosure (e.g. the intersection with a tighter bound); the linear-bound engine uses it to
+    put back-substituted bounds on pre-activations.
+
+    Args:
+        graph: the network.
+        lower: lower corners of the boxed parameters, keyed by initializer name.
+        upper: upper corners, same keys and shapes.
+        x: fixed inputs, shape (batch, *input_shape); dtype and device follow x.
+        rule: "exact" interval products or the paper's "midrad".
+        track_rounding: also carry a bound on the float error of every endpoint.
+        refine: optional hook that may tighten an op's output enclosure.
+
+    Returns:
+        Tensor name -> (enclosure, error bound or None), the graph input included.
+    """
+    walker = _Walker(graph, lower, upper, rule, track_rounding)
+    env: dict[str, Enclosed] = {
+        graph.input_name: (Interval.point(x), torch.zeros_like(x) if track_rounding else None)
+    }
+    for op in graph.ops:
+        if isinstance(op, Binary | Concat):
+            values = [env[name] for name in op.inputs]
+            env[op.output] = walker.join(op, [v[0] for v in values], [v[1] for v in values])
+        else:
+            env[op.output] = walker.step(op, *env[op.inputs[0]])
+        if refine is not None and (refined := refine(op, env)) is not None:
+            env[op.output] = refined
+    return env
 
 
 def logit_bounds(

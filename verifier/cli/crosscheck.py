@@ -65,14 +65,17 @@ def render_crosscheck(doc: dict[str, Any]) -> str:
         f"[{doc['data']['split']}], {summary['n_margins']} margins; exact: {doc['exact_method']}"
         f" (timeout {doc['timeout_s']:g} s)",
         f"certified: ibp {summary['certified_ibp']}/{summary['n_samples']}"
+        + f", linear {summary['certified_linear']}/{summary['n_samples']}"
         + ("" if crown is None else f", crown-ibp {crown}/{summary['n_samples']}"),
         f"exact margins: {exact['solved']} solved, {exact['timeout']} timed out, "
         f"{exact['skipped']} skipped",
         "gap exact - bound (how loose each bound is):",
         _gap_line("ibp", summary["gaps"]["ibp"]),
+        _gap_line("linear", summary["gaps"]["linear"]),
         _gap_line("crown-ibp", summary["gaps"]["crown_ibp"]),
         "gap falsified - bound (an upper bound on the looseness):",
         _gap_line("ibp", summary["gaps_to_falsified"]["ibp"]),
+        _gap_line("linear", summary["gaps_to_falsified"]["linear"]),
         _gap_line("crown-ibp", summary["gaps_to_falsified"]["crown_ibp"]),
     ]
     if summary["exact_inconsistent"]:

@@ -165,7 +165,7 @@ def run(
 )
 @click.option(
     "--method",
-    type=click.Choice(["ibp", "midrad", "crown-ibp", "best"]),
+    type=click.Choice(["ibp", "midrad", "linear", "crown-ibp", "best"]),
     default="ibp",
     show_default=True,
     help="Bound method of the proof.",

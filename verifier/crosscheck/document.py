@@ -3,8 +3,8 @@
 Layout of crosscheck.json (schema version "1"; the HTML report reads it): `schema_version`,
 `model_sha256`, `lid_sha256`, `data` (name, split, sha256, n_total, n_checked),
 `exact_method`, `timeout_s`, `falsifier` (effort and seed), `samples` (per sample: `index`,
-`label`, `certified_ibp`, `certified_crown_ibp`, `seconds`, `margins`: per class j != y:
-`class`, `ibp`, `crown_ibp` (or null), `exact` (or null), `exact_status`
+`label`, `certified_ibp`, `certified_crown_ibp`, `certified_linear`, `seconds`, `margins`: per
+class j != y: `class`, `ibp`, `crown_ibp` (or null), `linear`, `exact` (or null), `exact_status`
 ("optimal" | "timeout" | "skipped"), `best_bound`, `falsified`, and details), `summary`
 (`n_samples`, `n_margins`, `violations`, `verdict` ("sound" | "violation"), `gaps`
 (exact - bound per method: n, mean, median, max), `gaps_to_falsified`, `exact` (solved,
@@ -62,6 +62,7 @@ def margin_json(margin: MarginCheck) -> dict[str, Any]:
         "class": margin.other,
         "ibp": _finite(margin.ibp),
         "crown_ibp": _finite(margin.crown_ibp),
+        "linear": _finite(margin.linear),
         "exact": _finite(margin.exact_value),
         "exact_status": exact.status,
         "best_bound": _finite(margin.best_bound),
@@ -73,6 +74,7 @@ def margin_json(margin: MarginCheck) -> dict[str, Any]:
         "incumbent": _finite(exact.incumbent),
         "exact_note": exact.reason,
         "ibp_allowance": _finite(margin.ibp_allowance),
+        "linear_allowance": _finite(margin.linear_allowance),
         "violation": list(margin.violation_methods),
     }
 
@@ -86,6 +88,7 @@ def result_json(result: CrosscheckResult) -> dict[str, Any]:
                 "label": s.label,
                 "certified_ibp": s.certified_ibp,
                 "certified_crown_ibp": s.certified_crown_ibp,
+                "certified_linear": s.certified_linear,
                 "seconds": s.seconds,
                 "margins": [margin_json(m) for m in s.margins],
             }

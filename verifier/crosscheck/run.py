@@ -34,6 +34,8 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.linear import linear_margin_bounds
+from verifier.bounds.margins import MarginBounds
 from verifier.crosscheck.chain import relu_chain
 from verifier.crosscheck.exact import exact_margins
 from verifier.crosscheck.falsify import FalsifierConfig, falsify_sample
@@ -89,6 +91,8 @@ class MarginCheck:
         ibp_allowance: its rounding allowance.
         crown_ibp: CROWN-IBP lower bound, or None when not computed.
         crown_allowance: its rounding allowance, or None.
+        linear: our linear-bound lower bound (`verifier.bounds.linear`, float64).
+        linear_allowance: its derived rounding allowance.
         exact: the exact solver's result ("skipped" when not requested or not supported).
         falsified: smallest margin attained by the falsifiers.
         falsified_by: which falsifier attained it.
@@ -101,6 +105,8 @@ class MarginCheck:
     ibp_allowance: float
     crown_ibp: float | None
     crown_allowance: float | None
+    linear: float
+    linear_allowance: float
     exact: ExactMargin
     falsified: float
     falsified_by: str
@@ -126,7 +132,7 @@ class MarginCheck:
         """The largest lower bound known: the exact minimum, else the best bound available."""
         if self.exact_value is not None:
             return self.exact_value
-        candidates = [self.ibp]
+        candidates = [self.ibp, self.linear]
         if self.crown_ibp is not None:
             candidates.append(self.crown_ibp)
         if self.exact.lower is not None:
@@ -143,6 +149,7 @@ class SampleCheck:
         label: its true class y.
         certified_ibp: every IBP margin bound exceeds its rounding allowance.
         certified_crown_ibp: the same for CROWN-IBP, or None when not computed.
+        certified_linear: the same for the linear bounds.
         margins: one `MarginCheck` per class j != y.
         seconds: time of the per-sample work (falsifiers and exact solves).
     """
@@ -151,6 +158,7 @@ class SampleCheck:
     label: int
     certified_ibp: bool
     certified_crown_ibp: bool | None
+    certified_linear: bool
     margins: list[MarginCheck]
     seconds: float
 
@@ -210,14 +218,17 @@ class CrosscheckResult:
             "certified_crown_ibp": (
                 sum(bool(s.certified_crown_ibp) for s in self.samples) if crown else None
             ),
+            "certified_linear": sum(s.certified_linear for s in self.samples),
             "gaps": {
                 "ibp": _gap_stats([(m.exact_value, m.ibp) for m in margins]),
+                "linear": _gap_stats([(m.exact_value, m.linear) for m in margins]),
                 "crown_ibp": (
                     _gap_stats([(m.exact_value, m.crown_ibp) for m in margins]) if crown else None
                 ),
             },
             "gaps_to_falsified": {
                 "ibp": _gap_stats([(m.falsified, m.ibp) for m in margins]),
+                "linear": _gap_stats([(m.falsified, m.linear) for m in margins]),
                 "crown_ibp": (
                     _gap_stats([(m.falsified, m.crown_ibp) for m in margins]) if crown else None
                 ),
@@ -243,7 +254,10 @@ def describe_violation(sample: SampleCheck, margin: MarginCheck) -> str:
         bounds.append(f"ibp bound {margin.ibp:.9g} (allowance {margin.ibp_allowance:.2g})")
     if "crown-ibp" in margin.violation_methods and margin.crown_ibp is not None:
         bounds.append(f"crown-ibp bound {margin.crown_ibp:.9g}")
-    certified = "certified " if sample.certified_ibp or sample.certified_crown_ibp else ""
+    if "linear" in margin.violation_methods:
+        bounds.append(f"linear bound {margin.linear:.9g} (allowance {margin.linear_allowance:.2g})")
+    proved = sample.certified_ibp or sample.certified_crown_ibp or sample.certified_linear
+    certified = "certified " if proved else ""
     return (
         f"{certified}sample {sample.index} (label {sample.label}), class {margin.other}: "
         f"{' and '.join(bounds)} exceeds the margin {margin.attained:.9g} attained by weights "
@@ -362,6 +376,15 @@ def _linear_only(graph: Graph, box: Box) -> bool:
     return set(box.names) <= linear_params
 
 
+def linear_bounds(graph: Graph, box: Box, x: Tensor, y: Tensor) -> MarginBounds:
+    """Our linear bounds in float64 proof mode (`verifier.bounds.linear`)."""
+    box64 = box.to(torch.float64)
+    with torch.no_grad():
+        return linear_margin_bounds(
+            graph, box64.lower, box64.upper, x.to(torch.float64), y, track_rounding=True
+        )
+
+
 def _bounds(
     graph: Graph, box: Box, x: Tensor, y: Tensor
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, str]:
@@ -421,6 +444,9 @@ def crosscheck_samples(
         raise DataError(f"{n} inputs need {n} labels and indices; got {tuple(y.shape)}")
     y = y.to(torch.int64)
     ibp, ibp_r, crown, crown_r, crown_note = _bounds(graph, box, x, y)
+    linear = linear_bounds(graph, box, x, y)
+    assert linear.rounding is not None
+    lin, lin_r = linear.lower, linear.rounding
     tasks = []
     for p in range(n):
         label = int(y[p])
@@ -431,6 +457,7 @@ def crosscheck_samples(
             claim = _number(ibp[p, j] - 2 * ibp_r[p, j])
             if crown is not None and crown_r is not None:
                 claim = max(claim, _number(crown[p, j] - crown_r[p, j] - ibp_r[p, j]))
+            claim = max(claim, _number(lin[p, j] - lin_r[p, j] - ibp_r[p, j]))
             claims[j] = claim
         tasks.append(_Task(p, positions[p], x[p : p + 1].to(torch.float64), label, claims))
     outcomes: list[_Outcome | None] = [None] * n
@@ -459,18 +486,18 @@ def crosscheck_samples(
     samples = []
     for task, finished in zip(tasks, outcomes, strict=True):
         assert finished is not None
-        samples.append(_assemble(task, finished, ibp, ibp_r, crown, crown_r))
+        samples.append(_assemble(task, finished, (ibp, ibp_r), (crown, crown_r), (lin, lin_r)))
     return CrosscheckResult(samples, config, crown_note, time.perf_counter() - started)
 
 
 def _assemble(
     task: _Task,
     outcome: _Outcome,
-    ibp: Tensor,
-    ibp_r: Tensor,
-    crown: Tensor | None,
-    crown_r: Tensor | None,
+    ibps: tuple[Tensor, Tensor],
+    crowns: tuple[Tensor | None, Tensor | None],
+    linears: tuple[Tensor, Tensor],
 ) -> SampleCheck:
+    (ibp, ibp_r), (crown, crown_r), (lin, lin_r) = ibps, crowns, linears
     p = task.position
     margins = []
     for j, result in outcome.exact.items():
@@ -480,6 +507,8 @@ def _assemble(
             ibp_allowance=_number(ibp_r[p, j]),
             crown_ibp=None if crown is None else _number(crown[p, j]),
             crown_allowance=None if crown_r is None else _number(crown_r[p, j]),
+            linear=_number(lin[p, j]),
+            linear_allowance=_number(lin_r[p, j]),
             exact=result,
             falsified=_number(outcome.falsified[j]),
             falsified_by=outcome.sources[j],
@@ -491,6 +520,8 @@ def _assemble(
         if check.crown_ibp is not None and check.crown_allowance is not None:
             if check.crown_ibp - check.crown_allowance - slack > check.attained:
                 methods.append("crown-ibp")
+        if check.linear - check.linear_allowance - slack > check.attained:
+            methods.append("linear")
         if methods:
             check = replace(
                 check, violation_methods=tuple(methods), witness=outcome.witnesses.get(j)
@@ -506,6 +537,13 @@ def _assemble(
             and m.crown_ibp - m.crown_allowance > 0
             for m in margins
         )
+    certified_linear = all(m.linear - m.linear_allowance > 0 for m in margins)
     return SampleCheck(
-        task.index, task.label, certified_ibp, certified_crown, margins, outcome.seconds
+        task.index,
+        task.label,
+        certified_ibp,
+        certified_crown,
+        certified_linear,
+        margins,
+        outcome.seconds,
     )

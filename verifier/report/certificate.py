@@ -51,7 +51,8 @@ ASSUMPTIONS: Final = (
     "draws of the certification sample.",
     "The bound method is sound: for every weight vector in the LID and every certified sample, "
     "the true margin is at least the computed lower bound (exact interval arithmetic for ibp "
-    "and midrad; auto_LiRPA's CROWN-IBP is trusted for crown-ibp and best).",
+    "and midrad, linear bounds back-substituted over the box for linear, the tighter of the two "
+    "per sample and class for best; auto_LiRPA's CROWN-IBP is trusted for crown-ibp).",
     "Proofs are computed in float64 and a sample counts as certified only when each margin "
     "bound exceeds its propagated float64 rounding allowance; the statement concerns the "
     "network evaluated in exact arithmetic (float32 inference rounding is not covered).",
@@ -59,8 +60,9 @@ ASSUMPTIONS: Final = (
 )
 ROUNDING_ALLOWANCE: Final = (
     "float64 interval propagation with a bound on the float64 rounding error of every entry "
-    "(Higham's gamma_n per layer, verifier/bounds/ibp.py); a margin counts only above it. "
-    "auto_LiRPA bounds get 1000 times the interval pass's allowance plus 1e-9."
+    "(Higham's gamma_n per layer, verifier/bounds/ibp.py) or of the linear bounds' products "
+    "(verifier/bounds/linear.py); a margin counts only above it. auto_LiRPA bounds get 1000 "
+    "times the interval pass's allowance plus 1e-9."
 )
 CrosscheckStatus = Literal["absent", "attached", "unchanged", "stale"]
 

@@ -10,8 +10,9 @@ from typing import Any, Final
 METHOD_NAMES: Final = {
     "ibp": "interval bound propagation with exact interval products (ibp)",
     "midrad": "interval bound propagation, midpoint-radius products (midrad)",
+    "linear": "linear bounds back-substituted over the weight box (linear)",
     "crown-ibp": "CROWN-IBP linear relaxation from auto_LiRPA (crown-ibp)",
-    "best": "the tightest of exact intervals and auto_LiRPA CROWN-IBP, per sample (best)",
+    "best": "the tighter of exact intervals and linear bounds, per sample and class (best)",
 }
 
 

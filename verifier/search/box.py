@@ -31,15 +31,16 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
-from verifier.bounds.intervals import Rule
 from verifier.certify import empirical_metric
 from verifier.domains.box import Box
 from verifier.graph import Graph
 from verifier.search.dual import (
     DualState,
     SearchTask,
+    guide_bounds,
     hard_metrics,
     meets_targets,
+    proof_method,
     soft_metric,
     tasks_on,
 )
@@ -137,12 +138,31 @@ def _soft_and_hard(
     task: SearchTask,
     idx: Tensor,
     config: SearchSection,
+    iteration: int,
 ) -> tuple[Tensor, float]:
     xb, yb = task.x[idx], task.y[idx]
-    rule: Rule = "midrad" if config.bound == "midrad" else "exact"
-    bounds = margin_bounds(graph, lower, upper, xb, yb, rule=rule)
+    if config.bound == "midrad":
+        bounds = margin_bounds(graph, lower, upper, xb, yb, rule="midrad")
+    else:
+        bounds = guide_bounds(
+            graph,
+            lower,
+            upper,
+            xb,
+            yb,
+            linear=uses_linear(config, iteration),
+            options=config.linear,
+        )
     soft = soft_metric(bounds.lower, yb, task.metric, config.temperature)
     return soft, empirical_metric(bounds.certified(), yb, task.metric)
+
+
+def uses_linear(config: SearchSection, iteration: int) -> bool:
+    """Whether iteration (from 1) of a search bounds linearly: after `linear.warm_start`
+    interval iterations, every `linear.every`-th one."""
+    if config.bound != "linear" or iteration <= config.linear.warm_start:
+        return False
+    return (iteration - config.linear.warm_start - 1) % config.linear.every == 0
 
 
 def search_lid(
@@ -192,7 +212,7 @@ def search_lid(
         for task in tasks:
             n = task.x.shape[0]
             idx = torch.randperm(n, generator=gen)[: config.batch_size].to(device)
-            soft, hard = _soft_and_hard(graph, lower, upper, task, idx, config)
+            soft, hard = _soft_and_hard(graph, lower, upper, task, idx, config, it)
             softs.append(soft)
             hards.append(hard)
         loss = -widths.size(config.size, free) + dual.lagrangian(tasks, softs)
@@ -220,7 +240,7 @@ def search_lid(
             on_step(step)
         if it % config.checkpoint_every == 0 or it == config.iterations:
             box = widths.box()
-            hard_guide = hard_metrics(graph, box, tasks, proof=False)
+            hard_guide = hard_metrics(graph, box, tasks, proof=False, method=proof_method(config))
             checkpoints.append(Checkpoint(it, box, hard_guide, mean_width))
     return _choose(graph, theta0, widths.box(), checkpoints, tasks, config, history)
 
@@ -243,10 +263,11 @@ def _choose(
     def meets(hard: Sequence[float]) -> bool:
         return meets_targets(hard, tasks)
 
+    method = proof_method(config)
     if not config.shrink:
-        hard = hard_metrics(graph, final, tasks)
+        hard = hard_metrics(graph, final, tasks, method=method)
         return SearchResult(final, hard, meets(hard), "final box (no shrink)", checkpoints, history)
-    shrunk, shrunk_hard, factor = shrink_to_feasible(graph, final, theta0, tasks)
+    shrunk, shrunk_hard, factor = shrink_to_feasible(graph, final, theta0, tasks, method=method)
     shrunk_size = shrunk.size(config.size)
     guided = sorted(
         (c for c in checkpoints if meets(c.hard)), key=lambda c: -c.box.size(config.size)
@@ -254,7 +275,7 @@ def _choose(
     for candidate in guided:
         if candidate.box.size(config.size) < shrunk_size:
             break
-        proved = hard_metrics(graph, candidate.box, tasks)
+        proved = hard_metrics(graph, candidate.box, tasks, method=method)
         if meets(proved):
             return SearchResult(
                 candidate.box,

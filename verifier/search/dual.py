@@ -9,18 +9,20 @@ ascent, and the dual variables λ_i, penalties ρ_i and shared lr multiplier (se
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
-from verifier.certify import Metric, certify_samples, empirical_metric
+from verifier.bounds.linear import linear_margin_bounds
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
+from verifier.certify import CertMethod, Metric, certify_samples, empirical_metric
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
-from verifier.spec import SearchSection
+from verifier.spec import LinearBoundSection, SearchSection
 
 LR_SCALE_RANGE = (1e-1, 1e2)
 
@@ -44,6 +46,12 @@ class SearchTask:
     y_val: Tensor
 
 
+def proof_method(config: SearchSection) -> CertMethod:
+    """The bound that proves a search's candidates: `best` (intervals and linear bounds) for a
+    search driven by linear bounds, intervals otherwise."""
+    return "best" if config.bound == "linear" else "ibp"
+
+
 def hard_metrics(
     graph: Graph,
     domain: Box | Zonotope,
@@ -51,6 +59,7 @@ def hard_metrics(
     *,
     chunk_size: int = 512,
     proof: bool = True,
+    method: CertMethod = "ibp",
 ) -> tuple[float, ...]:
     """Hard certified metric of each task: the smaller of its value on the gradient samples
     and on the validation samples (a candidate is feasible only if both meet τ').
@@ -58,7 +67,8 @@ def hard_metrics(
     With `proof=True` (the default) every sample is proved in float64 with its rounding
     allowance. `proof=False` is a float32 guide without allowance for boxes, used only to
     steer the choice of candidates; whatever the search returns is re-checked with
-    `proof=True`. Zonotopes are always proved.
+    `proof=True`. Zonotopes are always proved. `method` is the bound of the proof ("ibp" or
+    "best"); the guide follows it in float32.
     """
     out = []
     for task in tasks:
@@ -67,29 +77,60 @@ def hard_metrics(
             if x.shape[0] == 0:
                 continue
             if proof or not isinstance(domain, Box):
-                mask, _ = certify_samples(graph, domain, x, y, chunk_size=chunk_size)
+                mask, _ = certify_samples(graph, domain, x, y, chunk_size=chunk_size, method=method)
             else:
-                mask = _guide_mask(graph, domain, x, y, chunk_size=chunk_size)
+                mask = _guide_mask(graph, domain, x, y, chunk_size=chunk_size, method=method)
             values.append(empirical_metric(mask, y.to(mask.device), task.metric))
         out.append(min(values))
     return tuple(out)
 
 
-def _guide_mask(graph: Graph, box: Box, x: Tensor, y: Tensor, *, chunk_size: int) -> Tensor:
+def _guide_mask(
+    graph: Graph, box: Box, x: Tensor, y: Tensor, *, chunk_size: int, method: CertMethod
+) -> Tensor:
     """Float32 certified mask (no rounding allowance): a fast, unproved guide."""
     box32 = box.to(torch.float32, x.device)
     with torch.no_grad():
         masks = [
-            margin_bounds(
+            guide_bounds(
                 graph,
                 box32.lower,
                 box32.upper,
                 x[i : i + chunk_size].to(torch.float32),
                 y[i : i + chunk_size].to(x.device),
+                linear=method != "ibp",
             ).certified()
             for i in range(0, x.shape[0], chunk_size)
         ]
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=x.device)
+
+
+def guide_bounds(
+    graph: Graph,
+    lower: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    linear: bool,
+    options: LinearBoundSection | None = None,
+) -> MarginBounds:
+    """Margin bounds in the search's dtype without rounding allowance: intervals, or per entry
+    the tighter of intervals and linear bounds (`verifier.bounds.linear`). Differentiable."""
+    ibp = margin_bounds(graph, lower, upper, x, y)
+    if not linear:
+        return ibp
+    options = options or LinearBoundSection()
+    lin = linear_margin_bounds(
+        graph,
+        lower,
+        upper,
+        x,
+        y,
+        intermediate=options.intermediate,
+        slopes=options.slopes,
+    )
+    return combine_margin_bounds(ibp, lin)
 
 
 def meets_targets(hard: Sequence[float], tasks: Sequence[SearchTask]) -> bool:

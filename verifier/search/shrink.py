@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
+from verifier.certify import CertMethod
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
@@ -33,6 +34,8 @@ def shrink_to_feasible(
     box: Box,
     theta0: Mapping[str, Tensor],
     tasks: Sequence[SearchTask],
+    *,
+    method: CertMethod = "ibp",
 ) -> tuple[Box, tuple[float, ...], float]:
     """Largest scale s in [0, 1] (bisection) such that θ0 + s (T - θ0) meets every target.
 
@@ -52,22 +55,22 @@ def shrink_to_feasible(
         for _ in range(steps):
             mid = (lo + hi) / 2
             candidate = _scale_box(box, theta0, mid)
-            if meets(hard_metrics(graph, candidate, tasks, proof=proof)):
+            if meets(hard_metrics(graph, candidate, tasks, proof=proof, method=method)):
                 lo = mid
             else:
                 hi = mid
         return lo
 
     scale = 1.0
-    if not meets(hard_metrics(graph, box, tasks, proof=False)):
+    if not meets(hard_metrics(graph, box, tasks, proof=False, method=method)):
         scale = bisect(0.0, 1.0, SHRINK_STEPS, proof=False)
     candidate = _scale_box(box, theta0, scale)
-    hard = hard_metrics(graph, candidate, tasks)
+    hard = hard_metrics(graph, candidate, tasks, method=method)
     if meets(hard) or scale == 0.0:
         return candidate, hard, scale
     scale = bisect(0.0, scale, SHRINK_STEPS_PROOF, proof=True)
     candidate = _scale_box(box, theta0, scale)
-    return candidate, hard_metrics(graph, candidate, tasks), scale
+    return candidate, hard_metrics(graph, candidate, tasks, method=method), scale
 
 
 def shrink_zonotope_to_feasible(
