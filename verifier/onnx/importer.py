@@ -65,15 +65,19 @@ from onnx import NodeProto
 
 from verifier.errors import GraphError
 from verifier.graph import (
-    Binary,
-    Conv,
     Graph,
     Linear,
     Op,
     Pool,
     Reshape,
-    Transpose,
     apply_node,
+)
+from verifier.onnx.combine import (
+    map_batchnorm,
+    map_binary,
+    map_pad,
+    map_split,
+    map_transpose,
 )
 from verifier.onnx.converters import (
     ACTIVATIONS,
@@ -84,14 +88,9 @@ from verifier.onnx.converters import (
     SUPPORTED_OPS,
     activation_op,
     affine_scale,
-    batchnorm_elementwise,
-    batchnorm_factors,
     bias_parameter,
-    can_fold_batchnorm,
     check_pass_through,
     conv_op,
-    elementwise_op,
-    fold_batchnorm,
     gemm_op,
     pool_op,
     weight_parameter,
@@ -100,24 +99,14 @@ from verifier.onnx.folding import ConstantFolder
 from verifier.onnx.index import NodeIndex
 from verifier.onnx.layout import (
     TensorValue,
-    broadcast_layout,
-    broadcast_shape,
-    compose_perms,
     concat_op,
-    conv_pads,
     graph_ends,
-    lifted,
-    pad_amounts,
-    pad_op,
     reduce_mean_ops,
     slice_ops,
-    split_slices,
-    transpose_perm,
 )
 from verifier.onnx.reading import (
     check_model,
     load_checked_model,
-    node_attributes,
     one_line,
     read_model,
 )
@@ -245,7 +234,7 @@ class GraphBuilder:
         """The output value as (batch, n_classes), written by an op named after the output."""
         value = self.values[output]
         if not value.batched and len(value.shape) == 2 and value.shape[0] == 1:
-            value = self._as_batched(self.index.producer[output], value)
+            value = self.as_batched(self.index.producer[output], value)
         if len(value.shape) != 1:
             raise GraphError(
                 f"{self.path}: output '{output}' has shape (batch, "
@@ -276,7 +265,7 @@ class GraphBuilder:
             for op in self.ops
         ]
 
-    def _exclusive(self, node: NodeProto, tensor: str) -> bool:
+    def exclusive(self, node: NodeProto, tensor: str) -> bool:
         """Whether `node` is the only reader of the values of graph tensor behind `tensor`,
         also through the pass-through nodes (Identity, Dropout, Cast) in between."""
         while True:
@@ -334,14 +323,14 @@ class GraphBuilder:
                 )
 
     # ----------------------------------------------------------------- emitting ops
-    def _fresh(self, base: str) -> str:
+    def fresh(self, base: str) -> str:
         k = 1
         while f"{base}:{k}" in self.taken:
             k += 1
         self.taken.add(f"{base}:{k}")
         return f"{base}:{k}"
 
-    def _emit(
+    def emit(
         self,
         node: NodeProto,
         ops: list[Op],
@@ -361,7 +350,7 @@ class GraphBuilder:
         shapes = [v.shape for v in inputs]
         target = names[0]
         for k, op in enumerate(ops):
-            target = out if k == len(ops) - 1 else self._fresh(out)
+            target = out if k == len(ops) - 1 else self.fresh(out)
             wired = replace(op, inputs=tuple(names), output=target)
             shape = self._probe(node, wired, shapes)
             if isinstance(op, Pool) and op.ceil_mode:
@@ -376,7 +365,9 @@ class GraphBuilder:
         flag = inputs[0].batched if batched is None else batched
         return TensorValue(target, shapes[0], flag)
 
-    def _set(self, node: NodeProto, tensor: str, value: TensorValue, *, check: bool = True) -> None:
+    def set_output(
+        self, node: NodeProto, tensor: str, value: TensorValue, *, check: bool = True
+    ) -> None:
         """Record the graph value of ONNX tensor `tensor`, checked against shape inference."""
         self.values[tensor] = value
         if check:
@@ -413,7 +404,7 @@ class GraphBuilder:
                 "this configuration is not supported",
             )
 
-    def _as_batched(self, node: NodeProto, value: TensorValue) -> TensorValue:
+    def as_batched(self, node: NodeProto, value: TensorValue) -> TensorValue:
         """`value` with the batch axis first: a tensor without one must start with an axis of
         size 1 (a model of one sample unsqueezes it before a Conv or Gemm), which becomes the
         batch axis."""
@@ -426,8 +417,8 @@ class GraphBuilder:
                 f"has shape {value.shape}; only N = 1 (one sample) is supported",
             )
         name = self.names[id(node)]
-        return self._emit(
-            node, [Reshape(name, value.shape[1:])], [value], self._fresh(value.name), batched=True
+        return self.emit(
+            node, [Reshape(name, value.shape[1:])], [value], self.fresh(value.name), batched=True
         )
 
     # ----------------------------------------------------------------- the walk
@@ -442,35 +433,35 @@ class GraphBuilder:
         out = node.output[0]
         if op in PASS_THROUGH:
             check_pass_through(self, node)
-            self._set(node, out, self.values[node.input[0]])
+            self.set_output(node, out, self.values[node.input[0]])
         elif op == "MatMul":
             self._matmul(node)
         elif op in ELEMENTWISE:
-            self._elementwise(node)
+            map_binary(self, node)
         elif op == "BatchNormalization":
-            self._batchnorm(node)
+            map_batchnorm(self, node)
         elif op == "Transpose":
-            self._transpose(node)
+            map_transpose(self, node)
         elif op == "Pad":
-            self._pad(node)
+            map_pad(self, node)
         elif op == "Split":
-            self._split(node)
+            map_split(self, node)
         elif op == "Concat":
             values = [self.values[i] for i in node.input if i in self.values]
             concat = concat_op(self, node, values)
-            self._set(node, out, self._emit(node, [concat], values, out))
+            self.set_output(node, out, self.emit(node, [concat], values, out))
         else:
             value = self.values[node.input[0]]
             ops: list[Op]
             if op == "Gemm":
-                value = self._as_batched(node, value)
+                value = self.as_batched(node, value)
                 ops = [gemm_op(self, node, value.shape)]
             elif op == "Conv":
                 extra = self.conv_pads.get(node.input[0])
-                value = self._as_batched(node, value)
+                value = self.as_batched(node, value)
                 ops = [conv_op(self, node, value.shape, extra)]
             elif op in POOLS:
-                value = self._as_batched(node, value)
+                value = self.as_batched(node, value)
                 ops = [pool_op(self, node, value.shape)]
             elif op in ACTIVATIONS:
                 ops = [activation_op(self, node)]
@@ -482,14 +473,14 @@ class GraphBuilder:
                     source = self.ops[index].inputs[0]
                     value = TensorValue(source, self.shape_of[source], value.batched)
                 ops = [] if shape == value.shape else [Reshape(self.names[id(node)], shape)]
-                result = self._emit(node, ops, [value], out)
-                self._set(node, out, TensorValue(result.name, shape, batched))
+                result = self.emit(node, ops, [value], out)
+                self.set_output(node, out, TensorValue(result.name, shape, batched))
                 return
             elif op == "Slice":
                 ops = slice_ops(self, node, value)
             else:  # ReduceMean
                 ops = reduce_mean_ops(self, node, value)
-            self._set(node, out, self._emit(node, ops, [value], out))
+            self.set_output(node, out, self.emit(node, ops, [value], out))
 
     def _matmul(self, node: NodeProto) -> None:
         if node.input[0] in self.constants:
@@ -519,103 +510,9 @@ class GraphBuilder:
                     scale = affine_scale(n_out, 1.0, 1.0, shift)
                     final = add.output[0]
         linear = Linear(self.names[id(node)], source, bias, layout, scale)  # type: ignore[arg-type]
-        result = self._emit(node, [linear], [value], final)
-        self._set(node, out, result)  # the product has the shape of the sum (read by Shape only)
+        result = self.emit(node, [linear], [value], final)
+        self.set_output(
+            node, out, result
+        )  # the product has the shape of the sum (read by Shape only)
         if final != out:
-            self._set(node, final, result)
-
-    def _elementwise(self, node: NodeProto) -> None:
-        computed = [i for i, name in enumerate(node.input[:2]) if name not in self.constants]
-        out = node.output[0]
-        if len(computed) == 1:
-            value = self.values[node.input[computed[0]]]
-            op = elementwise_op(self, node, computed[0], value)
-            self._set(node, out, self._emit(node, [op], [value], out))
-            return
-        if node.op_type == "Div":
-            raise self.fail(
-                node, "divides two computed tensors; only division by a constant is supported"
-            )
-        first, second = self.values[node.input[0]], self.values[node.input[1]]
-        rank, batched = broadcast_layout(self, node, first, second)
-        first, second = self._lift(node, first, rank), self._lift(node, second, rank)
-        if broadcast_shape([first.shape, second.shape]) is None:
-            raise self.fail(
-                node,
-                f"its operands of per-sample shapes {first.shape} and {second.shape} do not "
-                "broadcast",
-            )
-        binary = Binary(self.names[id(node)], ELEMENTWISE[node.op_type])  # type: ignore[arg-type]
-        self._set(node, out, self._emit(node, [binary], [first, second], out, batched=batched))
-
-    def _lift(self, node: NodeProto, value: TensorValue, rank: int) -> TensorValue:
-        """`value` with leading per-sample axes of size 1 up to `rank` (ONNX broadcasting)."""
-        if len(value.shape) == rank:
-            return value
-        reshape = Reshape(self.names[id(node)], lifted(value.shape, rank))
-        return self._emit(node, [reshape], [value], self._fresh(value.name))
-
-    def _batchnorm(self, node: NodeProto) -> None:
-        out = node.output[0]
-        value = self._as_batched(node, self.values[node.input[0]])
-        k, t = batchnorm_factors(self, node, value.shape)
-        index = self.writer.get(value.name)
-        prev = self.ops[index] if index is not None else None
-        if (
-            index is not None
-            and isinstance(prev, Linear | Conv)
-            and can_fold_batchnorm(prev, value.shape)
-            and self._exclusive(node, node.input[0])
-        ):
-            self.ops[index] = fold_batchnorm(prev, k, t)
-            self._set(node, out, value)
-            return
-        ops = batchnorm_elementwise(self, node, value.shape, k, t)
-        self._set(node, out, self._emit(node, ops, [value], out))
-
-    def _transpose(self, node: NodeProto) -> None:
-        out = node.output[0]
-        value = self.values[node.input[0]]
-        perm = transpose_perm(self, node, value)
-        index = self.writer.get(value.name)
-        prev = self.ops[index] if index is not None else None
-        if isinstance(prev, Transpose):
-            # one permutation instead of two; none when they cancel (NHWC <-> NCHW pairs)
-            perm = compose_perms(prev.perm, perm)
-            source = prev.inputs[0]
-            value = TensorValue(source, self.shape_of[source], value.batched)
-        if perm == tuple(range(len(perm))):
-            self._set(node, out, value)
-            return
-        transpose = Transpose(self.names[id(node)], perm)
-        self._set(node, out, self._emit(node, [transpose], [value], out))
-
-    def _pad(self, node: NodeProto) -> None:
-        out = node.output[0]
-        value = self.values[node.input[0]]
-        amounts, fill = pad_amounts(self, node, value)
-        if all(p == (0, 0) for p in amounts):
-            self._set(node, out, value)
-            return
-        pads = conv_pads(amounts, fill) if value.batched else None
-        user = self.index.sole_user(out, shapes_too=True)
-        if (
-            pads is not None
-            and user is not None
-            and user.op_type == "Conv"
-            and user.input[0] == out
-            and node_attributes(user).get("auto_pad", "NOTSET") in ("NOTSET", "")
-        ):
-            # the Conv reads the unpadded tensor and pads it itself
-            self.conv_pads[out] = pads
-            self._set(node, out, value, check=False)
-            return
-        self._set(node, out, self._emit(node, [pad_op(self, node, amounts, fill)], [value], out))
-
-    def _split(self, node: NodeProto) -> None:
-        value = self.values[node.input[0]]
-        for out, piece in zip(node.output, split_slices(self, node, value), strict=True):
-            if not out or not self.index.is_read(out):
-                continue
-            whole = piece.start == 0 and piece.stop == value.shape[piece.axis - 1]
-            self._set(node, out, self._emit(node, [] if whole else [piece], [value], out))
+            self.set_output(node, final, result)
