@@ -110,7 +110,7 @@ from verifier.onnx.reading import (
     one_line,
     read_model,
 )
-from verifier.onnx.shapes import int_input, reshaped
+from verifier.onnx.shape_values import int_input, reshaped
 
 __all__ = ["SUPPORTED_OPS", "check_model", "graph_from_model", "load_graph", "read_model"]
 

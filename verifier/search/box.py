@@ -37,16 +37,15 @@ from verifier.graph import Graph
 from verifier.search.dual import (
     DualState,
     SearchTask,
-    guide_bounds,
     hard_metrics,
     meets_targets,
     proof_method,
-    soft_metric,
     tasks_on,
 )
 from verifier.search.float32 import down_float32, inward_float32
 from verifier.search.results import Checkpoint, SearchResult, SearchStep
 from verifier.search.shrink import shrink_to_feasible
+from verifier.search.surrogate import guide_bounds, soft_metric
 from verifier.spec import SearchSection
 
 

@@ -9,20 +9,18 @@ ascent, and the dual variables λ_i, penalties ρ_i and shared lr multiplier (se
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from verifier.bounds.ibp import margin_bounds
-from verifier.bounds.linear import linear_margin_bounds
-from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.certify import CertMethod, Metric, certify_samples, empirical_metric
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
-from verifier.spec import LinearBoundSection, SearchSection
+from verifier.search.surrogate import guide_bounds
+from verifier.spec import SearchSection
 
 LR_SCALE_RANGE = (1e-1, 1e2)
 
@@ -105,34 +103,6 @@ def _guide_mask(
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool, device=x.device)
 
 
-def guide_bounds(
-    graph: Graph,
-    lower: Mapping[str, Tensor],
-    upper: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    *,
-    linear: bool,
-    options: LinearBoundSection | None = None,
-) -> MarginBounds:
-    """Margin bounds in the search's dtype without rounding allowance: intervals, or per entry
-    the tighter of intervals and linear bounds (`verifier.bounds.linear`). Differentiable."""
-    ibp = margin_bounds(graph, lower, upper, x, y)
-    if not linear:
-        return ibp
-    options = options or LinearBoundSection()
-    lin = linear_margin_bounds(
-        graph,
-        lower,
-        upper,
-        x,
-        y,
-        intermediate=options.intermediate,
-        slopes=options.slopes,
-    )
-    return combine_margin_bounds(ibp, lin)
-
-
 def meets_targets(hard: Sequence[float], tasks: Sequence[SearchTask]) -> bool:
     """Whether every task's hard metric reaches its target τ'."""
     return all(h >= t.target for h, t in zip(hard, tasks, strict=True))
@@ -152,19 +122,6 @@ def tasks_on(tasks: Sequence[SearchTask], device: str | torch.device) -> list[Se
         )
         for t in tasks
     ]
-
-
-def soft_metric(margin_lower: Tensor, y: Tensor, metric: Metric, temperature: float) -> Tensor:
-    """The differentiable surrogate of the certified metric: per sample the softmax weight of
-    the true class when its worst-case margins against the others are `margin_lower`
-    (batch, classes - 1), i.e. 1 / (1 + Σ exp(-t m)); averaged (accuracy) or averaged per class
-    and then over the classes present (balanced accuracy)."""
-    neg = -temperature * margin_lower
-    zeros = torch.zeros_like(neg[:, :1])
-    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
-    if metric == "accuracy":
-        return prob.mean()
-    return torch.stack([prob[y == c].mean() for c in torch.unique(y)]).mean()
 
 
 @dataclass

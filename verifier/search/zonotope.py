@@ -54,20 +54,14 @@ from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
 from verifier.search.box import search_lid
-from verifier.search.dual import (
-    DualState,
-    SearchTask,
-    hard_metrics,
-    meets_targets,
-    soft_metric,
-    tasks_on,
-)
+from verifier.search.dual import DualState, SearchTask, hard_metrics, meets_targets, tasks_on
 from verifier.search.generators import (
     ZonotopeVariables,
     initial_generators,
 )
 from verifier.search.results import Checkpoint, SearchResult, SearchStep
 from verifier.search.shrink import shrink_zonotope_to_feasible
+from verifier.search.surrogate import soft_metric
 from verifier.spec import SearchSection, ZonotopeSection
 
 

@@ -1,0 +1,59 @@
+"""What drives the search's gradient: margin bounds in the search's dtype (`guide_bounds`:
+intervals, or per entry the tighter of intervals and linear bounds) and the soft surrogate of
+the certified metric (`soft_metric`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.linear import linear_margin_bounds
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
+from verifier.certify import Metric
+from verifier.graph import Graph
+from verifier.spec import LinearBoundSection
+
+
+def guide_bounds(
+    graph: Graph,
+    lower: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    linear: bool,
+    options: LinearBoundSection | None = None,
+) -> MarginBounds:
+    """Margin bounds in the search's dtype without rounding allowance: intervals, or per entry
+    the tighter of intervals and linear bounds (`verifier.bounds.linear`). Differentiable."""
+    ibp = margin_bounds(graph, lower, upper, x, y)
+    if not linear:
+        return ibp
+    options = options or LinearBoundSection()
+    lin = linear_margin_bounds(
+        graph,
+        lower,
+        upper,
+        x,
+        y,
+        intermediate=options.intermediate,
+        slopes=options.slopes,
+    )
+    return combine_margin_bounds(ibp, lin)
+
+
+def soft_metric(margin_lower: Tensor, y: Tensor, metric: Metric, temperature: float) -> Tensor:
+    """The differentiable surrogate of the certified metric: per sample the softmax weight of
+    the true class when its worst-case margins against the others are `margin_lower`
+    (batch, classes - 1), i.e. 1 / (1 + Σ exp(-t m)); averaged (accuracy) or averaged per class
+    and then over the classes present (balanced accuracy)."""
+    neg = -temperature * margin_lower
+    zeros = torch.zeros_like(neg[:, :1])
+    prob = torch.exp(-torch.logsumexp(torch.cat([zeros, neg], dim=1), dim=1))
+    if metric == "accuracy":
+        return prob.mean()
+    return torch.stack([prob[y == c].mean() for c in torch.unique(y)]).mean()
