@@ -455,3 +455,23 @@ def test_cuda_matches_cpu() -> None:
     gpu = linear_margin_bounds(graph, lower, upper, x.cuda(), y.cuda(), track_rounding=True)
     assert gpu.lower.device.type == "cuda"
     torch.testing.assert_close(gpu.lower.cpu(), cpu.lower, rtol=0, atol=1e-9)
+
+
+def test_a_subset_of_classes_gives_the_same_rows_and_no_bound_elsewhere() -> None:
+    gen = torch.Generator().manual_seed(21)
+    graph = random_mlp((6, 9, 8, 5), gen)
+    lower, upper = box_around(graph, 0.02, generator=gen)
+    x = torch.randn(7, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 5, (7,), generator=gen)
+    full = linear_margin_bounds(graph, lower, upper, x, y, track_rounding=True)
+    ibp = margin_bounds(graph, lower, upper, x, y)
+    classes = ibp.lower.topk(2, dim=1, largest=False).indices
+    part = linear_margin_bounds(graph, lower, upper, x, y, track_rounding=True, classes=classes)
+    assert part.rounding is not None and full.rounding is not None
+    chosen = torch.zeros_like(full.lower, dtype=torch.bool).scatter(1, classes, True)
+    torch.testing.assert_close(part.lower[chosen], full.lower[chosen], rtol=1e-12, atol=1e-12)
+    others = ~chosen & ~torch.isinf(full.lower)
+    assert bool(torch.isneginf(part.lower[others]).all())
+    assert not bool(part.certified().any() & ~full.certified().any())
+    with pytest.raises(ValueError, match="never name its label"):
+        linear_margin_bounds(graph, lower, upper, x, y, classes=y[:, None])

@@ -95,6 +95,13 @@ class LinearBoundSection(_Section):
     every: int = Field(
         1, ge=1, description="Use the linear bounds every k-th iteration (intervals otherwise)."
     )
+    classes: int | None = Field(
+        None,
+        ge=1,
+        description="In search steps, bound linearly only the k classes per sample whose "
+        "interval margin bounds are lowest (intervals for the rest); null: every class. "
+        "Proofs always bound every class.",
+    )
 
 
 class SearchSection(_Section):

@@ -34,6 +34,10 @@ def guide_bounds(
     if not linear:
         return ibp
     options = options or LinearBoundSection()
+    classes = None
+    if options.classes is not None and options.classes < graph.n_classes - 1:
+        # the k most threatening classes by their interval bound (+inf at y sorts last)
+        classes = ibp.lower.detach().topk(options.classes, dim=1, largest=False).indices
     lin = linear_margin_bounds(
         graph,
         lower,
@@ -42,6 +46,7 @@ def guide_bounds(
         y,
         intermediate=options.intermediate,
         slopes=options.slopes,
+        classes=classes,
     )
     return combine_margin_bounds(ibp, lin)
 
