@@ -118,3 +118,22 @@ def test_imports_go_down_the_layers() -> None:
             elif source not in ("verifier", dest) and rank[dest] >= rank[source]:
                 bad.append(f"{module} (layer {rank[source]}) imports {target} (layer {rank[dest]})")
     assert not bad, "\n".join(sorted(bad))
+
+
+def module_sizes() -> dict[str, int]:
+    """Lines of every module of the package (package __init__ files included)."""
+    return {name: len(path.read_text().splitlines()) for name, path in _module_names().items()}
+
+
+def test_modules_stay_small_and_are_named_for_what_they_hold() -> None:
+    sizes = module_sizes()
+    largest = max(sizes, key=lambda name: sizes[name])
+    assert sizes[largest] <= 600, f"{largest} has {sizes[largest]} lines; split it"
+    plain = sorted(
+        n for m, n in sizes.items() if not (PACKAGE.parent / Path(*m.split("."))).is_dir()
+    )
+    median = (plain[(len(plain) - 1) // 2] + plain[len(plain) // 2]) / 2
+    assert median <= 200, f"median module (package __init__ files left out) has {median} lines"
+    grab_bags = {"utils", "helpers", "common", "misc", "util", "helper"}
+    named = [m for m in sizes if m.rsplit(".", 1)[-1] in grab_bags]
+    assert not named or named == ["verifier.cli.conventions"], named

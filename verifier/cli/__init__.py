@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from verifier.cli import crosscheck, embed, lid, model, report, update
-from verifier.cli.common import BadInput, ExitCode
+from verifier.cli.conventions import BadInput, ExitCode
 
 __all__ = ["BadInput", "ExitCode", "cli", "main"]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from verifier.cli.common import (
+from verifier.cli.conventions import (
     JSON_OPT,
     ExitCode,
     data_dir_option,

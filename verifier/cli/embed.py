@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from verifier.cli.common import JSON_OPT, data_dir_option, emit_json, input_errors_exit_2
+from verifier.cli.conventions import JSON_OPT, data_dir_option, emit_json, input_errors_exit_2
 
 
 @click.command()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from verifier.cli.common import (
+from verifier.cli.conventions import (
     DEVICE_OPT,
     JSON_OPT,
     ExitCode,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from verifier.cli.common import data_dir_option, emit_json, input_errors_exit_2
+from verifier.cli.conventions import data_dir_option, emit_json, input_errors_exit_2
 
 
 @click.command()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from verifier.cli.common import JSON_OPT, ExitCode, emit_json, input_errors_exit_2
+from verifier.cli.conventions import JSON_OPT, ExitCode, emit_json, input_errors_exit_2
 
 OUT_DIR_ARG = click.argument("out_dir", type=click.Path(path_type=Path))
 PDF_OPT = click.option(

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from verifier.cli.common import (
+from verifier.cli.conventions import (
     JSON_OPT,
     BadInput,
     ExitCode,

@@ -1,4 +1,4 @@
-"""Shared pieces of the command line: exit codes, one-line errors, common options, progress."""
+"""How every command behaves: exit codes, one-line errors, shared options, progress output."""
 
 from __future__ import annotations
 
