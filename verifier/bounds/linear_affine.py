@@ -110,9 +110,17 @@ class AffineBox:
         (sh, sw), (dh, dw) = op.strides, op.dilations
         extra_h = height - ((flat.shape[-2] - 1) * sh + dh * (kh - 1) + 1)
         extra_w = width - ((flat.shape[-1] - 1) * sw + dw * (kw - 1) + 1)
-        full = F.conv_transpose2d(
-            flat, weight, None, op.strides, 0, (extra_h, extra_w), op.groups, op.dilations
-        )
+        if op.strides == (1, 1) and op.dilations == (1, 1) and op.groups == 1 and not (
+            extra_h or extra_w
+        ):
+            # the same product as a plain convolution with the flipped, transposed kernel:
+            # CPU back ends run that several times faster than conv_transpose2d
+            kernel = weight.flip(2, 3).transpose(0, 1)
+            full = F.conv2d(flat, kernel, None, 1, (kh - 1, kw - 1))
+        else:
+            full = F.conv_transpose2d(
+                flat, weight, None, op.strides, 0, (extra_h, extra_w), op.groups, op.dilations
+            )
         out = full[..., top : top + in_shape[1], left : left + in_shape[2]]
         return out.reshape(batch, rows, *in_shape)
 
