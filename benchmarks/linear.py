@@ -584,7 +584,9 @@ def main() -> None:
             print("\n".join(section_step(args.models, args.repeats)), flush=True)
         if "width" in args.only or "use" in args.only:
             print(f"\n## LID width (τ = clean − 0.12, {args.iterations} iterations)\n")
-            lines, lids = section_width(args.models, tmp, args.iterations, args.lr, args.cnn_every)
+            lines, lids = section_width(
+                args.models, tmp, args.iterations, args.lr, args.cnn_every, args.cnn_classes
+            )
             print("\n".join(lines), flush=True)
         if "depth" in args.only:
             print(f"\n## Width against depth (τ = clean − 0.05, {args.iterations} iterations)\n")
