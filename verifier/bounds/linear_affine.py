@@ -110,8 +110,11 @@ class AffineBox:
         (sh, sw), (dh, dw) = op.strides, op.dilations
         extra_h = height - ((flat.shape[-2] - 1) * sh + dh * (kh - 1) + 1)
         extra_w = width - ((flat.shape[-1] - 1) * sw + dw * (kw - 1) + 1)
-        if op.strides == (1, 1) and op.dilations == (1, 1) and op.groups == 1 and not (
-            extra_h or extra_w
+        if (
+            op.strides == (1, 1)
+            and op.dilations == (1, 1)
+            and op.groups == 1
+            and not (extra_h or extra_w)
         ):
             # the same product as a plain convolution with the flipped, transposed kernel:
             # CPU back ends run that several times faster than conv_transpose2d
