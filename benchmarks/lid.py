@@ -35,7 +35,7 @@ import yaml
 from torch import nn
 
 from verifier.bounds.ibp import margin_bounds
-from verifier.bounds.margins import soft_margin_accuracy
+from verifier.bounds.margins import MarginBounds, soft_margin_accuracy
 from verifier.certify import certify_samples, clopper_pearson_lower
 from verifier.data import load_dataset
 from verifier.domains.box import Box
@@ -65,8 +65,19 @@ class StepClock:
         return sum(gaps) / len(gaps), statistics.median(gaps)
 
 
+BoundFn = Callable[
+    [Graph, dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, torch.Tensor],
+    MarginBounds,
+]
+
+
 def interleaved_step_ratio(
-    graph: Graph, net: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int
+    graph: Graph,
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    repeats: int,
+    bounds_fn: BoundFn = margin_bounds,
 ) -> tuple[float, float]:
     """Median seconds of one search step and one plain training step, timed alternately.
 
@@ -85,7 +96,7 @@ def interleaved_step_ratio(
     def search_step() -> None:
         lower = {n: theta0[n] - d_lo[n] for n in theta0}
         upper = {n: theta0[n] + d_hi[n] for n in theta0}
-        bounds = margin_bounds(graph, lower, upper, x, y)
+        bounds = bounds_fn(graph, lower, upper, x, y)
         soft = soft_margin_accuracy(bounds, temperature=10.0)
         size = sum((d_lo[n] + d_hi[n]).sum() for n in theta0)
         loss = -size + 10.0 * torch.relu(0.9 - soft) ** 2

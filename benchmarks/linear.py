@@ -38,11 +38,12 @@ from typing import Any
 
 import torch
 import yaml
+from lid import BoundFn, interleaved_step_ratio, paper_cnn  # benchmarks/lid.py
 from torch import nn
 
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.linear import linear_margin_bounds
-from verifier.bounds.margins import combine_margin_bounds, soft_margin_accuracy
+from verifier.bounds.margins import MarginBounds, combine_margin_bounds
 from verifier.data import load_dataset
 from verifier.domains.box import Box
 from verifier.graph import Conv, Graph
@@ -63,18 +64,6 @@ def mlp(widths: Sequence[int]) -> nn.Module:
     for a, b in zip(widths, widths[1:], strict=False):
         layers += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
-
-
-def paper_cnn() -> nn.Module:
-    """Conv(1->8,5x5,pad 1)-ReLU-Conv(8->1,5x5,pad 1)-ReLU-Flatten(576)-Linear(576->10)."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 5, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(8, 1, 5, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(576, 10),
-    )
 
 
 NETWORKS: dict[str, Callable[[], nn.Module]] = {
@@ -261,54 +250,16 @@ def section_tightness(models: Path, n_inputs: int) -> list[str]:
     return lines
 
 
-def search_step_ratio(
-    graph: Graph,
-    net: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    repeats: int,
-    linear: bool,
-    classes: int | None = None,
-) -> tuple[float, float]:
-    """Median seconds of one search step and one plain training step, timed alternately."""
-    theta0 = {n: t.float() for n, t in graph.parameters.items()}
-    d_lo = {n: torch.full_like(t, 1e-3).requires_grad_(True) for n, t in theta0.items()}
-    d_hi = {n: torch.full_like(t, 1e-3).requires_grad_(True) for n, t in theta0.items()}
-    box_opt = torch.optim.Adam([*d_lo.values(), *d_hi.values()], lr=1e-4)
-    plain_opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    state = {k: v.clone() for k, v in net.state_dict().items()}
+def linear_bounds(classes: int | None) -> BoundFn:
+    """The search's guide bounds with linear bounds on `classes` classes per sample."""
+    options = LinearBoundSection(classes=classes)
 
-    def search_step() -> None:
-        lower = {n: theta0[n] - d_lo[n] for n in theta0}
-        upper = {n: theta0[n] + d_hi[n] for n in theta0}
-        if linear:
-            options = LinearBoundSection(classes=classes)
-            bounds = guide_bounds(graph, lower, upper, x, y, linear=True, options=options)
-        else:
-            bounds = margin_bounds(graph, lower, upper, x, y)
-        soft = soft_margin_accuracy(bounds, temperature=10.0)
-        size = sum((d_lo[n] + d_hi[n]).sum() for n in theta0)
-        loss = -size + 10.0 * torch.relu(0.9 - soft) ** 2
-        box_opt.zero_grad()
-        loss.backward()  # type: ignore[no-untyped-call]
-        box_opt.step()
-        with torch.no_grad():
-            for v in [*d_lo.values(), *d_hi.values()]:
-                v.clamp_(min=0)
+    def bounds(
+        graph: Graph, lower: dict, upper: dict, x: torch.Tensor, y: torch.Tensor
+    ) -> MarginBounds:
+        return guide_bounds(graph, lower, upper, x, y, linear=True, options=options)
 
-    def plain_step() -> None:
-        plain_opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        plain_opt.step()
-
-    searches, plains = [], []
-    for _ in range(repeats + 1):
-        for fn, out in ((search_step, searches), (plain_step, plains)):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-    net.load_state_dict(state)
-    return statistics.median(searches[1:]), statistics.median(plains[1:])
+    return bounds
 
 
 def section_step(models: Path, repeats: int) -> list[str]:
@@ -322,9 +273,9 @@ def section_step(models: Path, repeats: int) -> list[str]:
     for name in ("mlp_100_100", "paper_cnn"):
         path, net = trained(name, models)
         graph = load_graph(path)
-        t_ibp, plain_a = search_step_ratio(graph, net, x, y, repeats, linear=False)
-        t_all, plain_b = search_step_ratio(graph, net, x, y, repeats, linear=True)
-        t_two, plain_c = search_step_ratio(graph, net, x, y, repeats, linear=True, classes=2)
+        t_ibp, plain_a = interleaved_step_ratio(graph, net, x, y, repeats)
+        t_all, plain_b = interleaved_step_ratio(graph, net, x, y, repeats, linear_bounds(None))
+        t_two, plain_c = interleaved_step_ratio(graph, net, x, y, repeats, linear_bounds(2))
         plain = statistics.median([plain_a, plain_b, plain_c])
 
         def cell(seconds: float, plain: float = plain) -> str:

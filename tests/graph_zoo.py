@@ -21,7 +21,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from tests.model_zoo import EXPORT_BATCH, save_helper_model
+from tests.model_zoo import EXPORT_BATCH, export_module, random_batchnorm, save_helper_model
 
 
 @dataclass(frozen=True)
@@ -41,29 +41,20 @@ class DagModel:
 
 
 # ---------------------------------------------------------------------- torch models
-def _bn(channels: int, dims: int = 2) -> nn.Module:
-    """A BatchNorm with non-trivial affine parameters and running statistics."""
-    bn = nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
-    with torch.no_grad():
-        bn.running_mean.uniform_(-1.0, 1.0)
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-1.0, 1.0)
-    return bn
-
-
 class BasicBlock(nn.Module):
     """conv-bn-relu-conv-bn plus a skip: the identity, or a strided 1x1 conv + bn."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = _bn(c_out)
+        self.bn1 = random_batchnorm(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = _bn(c_out)
+        self.bn2 = random_batchnorm(c_out)
         self.down: nn.Module | None = None
         if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), _bn(c_out))
+            self.down = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), random_batchnorm(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -182,32 +173,7 @@ def export_torch(name: str, dynamo: bool, folder: Path, *, seed: int = 0) -> Dag
     factory, sample_shape = TORCH_MODELS[name]
     exporter = "dynamo" if dynamo else "legacy"
     path = folder / f"{name}-{exporter}.onnx"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = factory().eval()
-        x = torch.randn(EXPORT_BATCH, *sample_shape)
-        if dynamo:
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=True,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=False,
-                verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
+    export_module(factory, sample_shape, path, dynamo=dynamo, seed=seed)
     return DagModel(f"{name}-{exporter}", path)
 
 

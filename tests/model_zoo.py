@@ -42,7 +42,7 @@ class ZooModel:
 
 
 # ---------------------------------------------------------------------- torch models
-def _bn(channels: int, dims: int = 2) -> nn.Module:
+def random_batchnorm(channels: int, dims: int = 2) -> nn.Module:
     """A BatchNorm with non-trivial affine parameters and running statistics."""
     bn = nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm1d(channels)
     with torch.no_grad():
@@ -107,13 +107,21 @@ TORCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     ),
     "conv_batchnorm": (
         lambda: nn.Sequential(
-            nn.Conv2d(1, 3, 3), _bn(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)
+            nn.Conv2d(1, 3, 3),
+            random_batchnorm(3),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 6 * 6, 4),
         ),
         (1, 8, 8),
     ),
     "linear_batchnorm": (
         lambda: nn.Sequential(
-            nn.Linear(6, 8), _bn(8, dims=1), nn.ReLU(), nn.Linear(8, 3), _bn(3, dims=1)
+            nn.Linear(6, 8),
+            random_batchnorm(8, dims=1),
+            nn.ReLU(),
+            nn.Linear(8, 3),
+            random_batchnorm(3, dims=1),
         ),
         (6,),
     ),
@@ -143,6 +151,55 @@ EXPORT_WARNING_FILTERS = (
 """pytest filterwarnings entries for what the exporters emit beyond pyproject's filters."""
 
 
+def export_module(
+    factory: Callable[[], nn.Module],
+    sample_shape: tuple[int, ...],
+    path: Path,
+    *,
+    dynamo: bool,
+    seed: int = 0,
+) -> Path:
+    """Build factory() (seeded, eval mode) and export it to `path` with either exporter.
+
+    Args:
+        factory: builds the torch module.
+        sample_shape: per-sample input shape.
+        path: the .onnx file to write.
+        dynamo: torch.export (True) or the legacy TorchScript exporter (False).
+        seed: seed of the weights and the example input.
+
+    Returns:
+        `path`; input "input" of shape (batch, ...), output "logits".
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory().eval()
+        x = torch.randn(EXPORT_BATCH, *sample_shape)
+        if dynamo:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            )
+    return path
+
+
 def export_torch(name: str, exporter: Exporter, folder: Path, *, seed: int = 0) -> ZooModel:
     """Build TORCH_MODELS[name] (seeded, eval mode) and export it to `folder`.
 
@@ -157,32 +214,7 @@ def export_torch(name: str, exporter: Exporter, folder: Path, *, seed: int = 0) 
     """
     factory, sample_shape = TORCH_MODELS[name]
     path = folder / f"{name}-{exporter}.onnx"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = factory().eval()
-        x = torch.randn(EXPORT_BATCH, *sample_shape)
-        if exporter == "legacy":
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        else:
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=True,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                external_data=False,
-                verbose=False,
-            )
+    export_module(factory, sample_shape, path, dynamo=exporter == "dynamo", seed=seed)
     return ZooModel(name, exporter, path)
 
 
