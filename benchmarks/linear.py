@@ -408,13 +408,15 @@ def section_width(
     return lines, lids
 
 
-def section_depth(models: Path, tmp: Path, iterations: int, lr: float) -> list[str]:
+def section_depth(
+    models: Path, tmp: Path, iterations: int, lr: float, depths: Sequence[int]
+) -> list[str]:
     lines = [
         "| hidden layers | p | clean | IBP mean width | linear mean width | linear / IBP "
         "| IBP L / linear L (τ) | wall IBP / linear |",
         "|" + "---|" * 8,
     ]
-    for depth in range(2, 10):
+    for depth in depths:
         path, _ = trained(f"mlp_depth{depth}", models)
         graph = load_graph(path)
         runs = {}
@@ -510,6 +512,9 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=20, help="MILP inputs per box scale")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
+        "--depths", type=int, nargs="+", default=list(range(2, 10)), help="hidden layers"
+    )
+    parser.add_argument(
         "--cnn-every", type=int, default=4, help="CNN linear search: linear bounds every k steps"
     )
     parser.add_argument(
@@ -541,7 +546,8 @@ def main() -> None:
             print("\n".join(lines), flush=True)
         if "depth" in args.only:
             print(f"\n## Width against depth (τ = clean − 0.05, {args.iterations} iterations)\n")
-            print("\n".join(section_depth(args.models, tmp, args.iterations, args.lr)))
+            lines = section_depth(args.models, tmp, args.iterations, args.lr, args.depths)
+            print("\n".join(lines), flush=True)
         if "allowance" in args.only:
             print("\n## Float64 rounding allowance, 9 hidden layers of 200, 300 MNIST samples\n")
             print("\n".join(section_allowance(args.models)), flush=True)
