@@ -496,7 +496,7 @@ def section_allowance(models: Path) -> list[str]:
             assert bounds.rounding is not None
             finite = ~torch.isinf(bounds.lower)
             lines.append(
-                f"| ±{scale}·|w| | {name} | {float(bounds.rounding[finite].max()):.3g} | "
+                f"| θ0 ± {scale}·abs(θ0) | {name} | {float(bounds.rounding[finite].max()):.3g} | "
                 f"{float(bounds.rounding[finite].mean()):.3g} | {int(bounds.certified().sum())} |"
             )
     return lines
