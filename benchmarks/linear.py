@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 import yaml
-from lid import BoundFn, interleaved_step_ratio, paper_cnn  # benchmarks/lid.py
+from lid import BoundFn, export, interleaved_step_ratio, paper_cnn  # benchmarks/lid.py
 from torch import nn
 
 from verifier.bounds.ibp import margin_bounds
@@ -95,15 +95,7 @@ def trained(name: str, folder: Path) -> tuple[Path, nn.Module]:
             opt.step()
     net.eval()
     folder.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        net,
-        (torch.zeros(1, 1, 28, 28),),
-        str(path),
-        input_names=["x"],
-        output_names=["logits"],
-        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
-    )
+    export(net, path)
     torch.save(net.state_dict(), weights)
     return path, net
 
