@@ -542,6 +542,14 @@ def _ints(name: str, values: list[int]) -> TensorProto:
     return numpy_helper.from_array(np.array(values, dtype=np.int64), name)
 
 
+def _unknown_opset(path: Path) -> Path:
+    """A valid Gemm model that declares opset 99, which no onnx release defines."""
+    rng = np.random.default_rng(16)
+    nodes = [helper.make_node("Gemm", ["input", "w", "b"], ["logits"], name="gemm", transB=1)]
+    inits = [_init("w", (3, 4), rng), _init("b", (3,), rng)]
+    return save_helper_model(nodes, inits, path, opset=99, check=False)
+
+
 def _cycle(path: Path) -> Path:
     """relu_a reads the output of relu_b, which reads relu_a's: no topological order exists."""
     nodes = [
@@ -630,6 +638,10 @@ BAD_MODELS: dict[str, tuple[Callable[[Path], Path], str]] = {
         "'branch_div' \\(Div\\): divides two computed tensors",
     ),
     "cycle": (lambda folder: _cycle(folder / "cycle.onnx"), "checker rejects.*topologically"),
+    "unknown_opset": (
+        lambda folder: _unknown_opset(folder / "opset99.onnx"),
+        r"declares ONNX opset 99; this installation supports opsets 1 to \d+",
+    ),
     "dangling_output": (
         lambda folder: _dangling_output(folder / "dangling.onnx"),
         "checker rejects.*'logits' is not an output of any node",

@@ -92,6 +92,7 @@ def check_model(model: onnx.ModelProto, path: Path) -> None:
     Raises:
         GraphError: the checker rejects the model.
     """
+    check_opset(model, path)
     try:
         onnx.checker.check_model(model)
     except Exception as err:  # noqa: BLE001 - the checker raises several types
@@ -99,6 +100,23 @@ def check_model(model: onnx.ModelProto, path: Path) -> None:
             f"{path}: the ONNX checker rejects the model ({one_line(err)}); "
             "re-export it or repair the file"
         ) from err
+
+
+def check_opset(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a default-domain opset this installation does not know (it would load with ops
+    whose meaning may have changed since).
+
+    Raises:
+        GraphError: naming the declared opset and the supported range.
+    """
+    newest = onnx.defs.onnx_opset_version()
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx") and not 1 <= entry.version <= newest:
+            raise GraphError(
+                f"{path}: the model declares ONNX opset {entry.version}; this installation "
+                f"supports opsets 1 to {newest} (onnx {onnx.__version__}); re-export it with "
+                f"opset_version <= {newest}"
+            )
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:
