@@ -54,3 +54,33 @@ def test_ctrl_c_during_a_search_exits_130(tmp_path: Path) -> None:
     assert last.startswith("interrupted:"), rest
     assert "Traceback" not in rest
     assert not (out / "certificate.json").exists()
+
+
+def test_progress_on_a_log_file_is_plain_lines_without_carriage_returns(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(ROOT / "onnx_models" / "digits_mlp.onnx"),
+                "data": {"name": "digits", "split": "test"},
+                "tasks": [{"name": "digits", "metric": "accuracy", "target": 0.5}],
+                "search": {"iterations": 40},
+            }
+        ),
+        encoding="utf-8",
+    )
+    log = tmp_path / "run.log"
+    with log.open("w", encoding="utf-8") as handle:
+        done = subprocess.run(
+            [sys.executable, "-c", "from verifier.cli import main; main()", "lid", str(spec)]
+            + ["-o", str(tmp_path / "out")],
+            stdout=subprocess.DEVNULL,
+            stderr=handle,
+            timeout=300,
+        )
+    assert done.returncode == 0
+    text = log.read_text(encoding="utf-8")
+    assert "\r" not in text
+    progress = [line for line in text.splitlines() if line.startswith("LID search:")]
+    assert progress and progress[-1].startswith("LID search: 40/40 it"), text
+    assert len(progress) <= 3, text

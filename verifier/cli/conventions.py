@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
@@ -63,29 +64,67 @@ def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=False))
 
 
+PLAIN_PROGRESS_EVERY_S = 30.0
+"""On a non-terminal stderr, seconds between plain progress lines."""
+
+
+class PlainProgress:
+    """Progress for a log file: a plain line now and then (`PLAIN_PROGRESS_EVERY_S`) and one at
+    the end, no carriage returns; the subset of tqdm's interface the commands use."""
+
+    def __init__(self, total: int, desc: str, unit: str) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.n = 0
+        self.postfix = ""
+        self._last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= PLAIN_PROGRESS_EVERY_S:
+            self._line()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def close(self) -> None:
+        self._line()
+
+    def _line(self) -> None:
+        self._last = time.monotonic()
+        extra = f" ({self.postfix})" if self.postfix else ""
+        click.echo(f"{self.desc}: {self.n}/{self.total} {self.unit}{extra}", err=True)
+
+    def __enter__(self) -> PlainProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(total: int, desc: str, unit: str) -> Any:
+    """A tqdm bar on stderr when stderr is a terminal, else occasional plain lines."""
+    if not sys.stderr.isatty():
+        return PlainProgress(total, desc, unit)
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, mininterval=0.5)
+
+
 def progress(
     total: int,
 ) -> tuple[Callable[[Any], None], Callable[[str], None], Callable[[], None]]:
-    """A tqdm bar on stderr for the search; returns (on_step, on_phase, close).
+    """A progress bar on stderr for the search (`progress_bar`); returns (on_step, on_phase,
+    close).
 
     The bar opens at the first search step and closes before the next phase message, so a
     message (or an input error before the search) never lands on the bar's line.
     """
-    from tqdm import tqdm
-
     bar: Any = None
 
     def on_step(step: Any) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(
-                total=total,
-                desc="LID search",
-                unit="it",
-                file=sys.stderr,
-                leave=False,
-                mininterval=0.5,
-            )
+            bar = progress_bar(total, "LID search", "it")
         bar.update(1)
         hard = ",".join(f"{h:.3f}" for h in step.hard)
         soft = ",".join(f"{s:.3f}" for s in step.soft)

@@ -17,6 +17,7 @@ from verifier.cli.conventions import (
     data_dir_option,
     emit_json,
     input_errors_exit_2,
+    progress_bar,
 )
 from verifier.crosscheck.summary import render_crosscheck
 
@@ -112,8 +113,6 @@ def crosscheck(
     (random and vertex weights, weight-space PGD) attain. Exits 1 when weights inside the LID
     contradict a bound (a soundness violation), 0 otherwise, 2 on bad input.
     """
-    from tqdm import tqdm
-
     from verifier.crosscheck.document import run_crosscheck, write_crosscheck
     from verifier.crosscheck.falsify import FalsifierConfig
     from verifier.crosscheck.run import CrosscheckConfig, describe_violation
@@ -130,7 +129,7 @@ def crosscheck(
     def on_progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc="cross-check", unit="sample", file=sys.stderr, leave=False)
+            bar = progress_bar(total, "cross-check", "sample")
         bar.update(done - bar.n)
 
     try:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from verifier.cli.conventions import JSON_OPT, data_dir_option, emit_json, input_errors_exit_2
+from verifier.cli.conventions import (
+    JSON_OPT,
+    data_dir_option,
+    emit_json,
+    input_errors_exit_2,
+    progress_bar,
+)
 
 
 @click.command()
@@ -53,21 +58,14 @@ def embed(
     Specs then name the features as SOURCE@ENCODER (e.g. tweeteval/offensive@minilm). A split
     already cached is not computed again. Each cache file is also a plain .npz data set.
     """
-    from tqdm import tqdm
-
     from verifier.data.embeddings import embed_source, load_encoder, load_source
 
     encoder = load_encoder(encoder_name)
     results: list[dict[str, Any]] = []
     for split in splits:
         loaded = load_source(source, split, data_dir)
-        with tqdm(
-            total=len(loaded.items),
-            desc=f"{source} [{split}] with {encoder_name}",
-            unit="item",
-            file=sys.stderr,
-            leave=False,
-            mininterval=0.5,
+        with progress_bar(
+            len(loaded.items), f"{source} [{split}] with {encoder_name}", "item"
         ) as bar:
             path, computed = embed_source(
                 loaded,
