@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from verifier.graph import Graph
 
 LAYERS: Final[tuple[tuple[str, ...], ...]] = (
-    ("errors", "rounding", "files"),  # errors; floating-point error bounds; atomic writes, hashes
+    ("errors",),  # the exception hierarchy
+    ("rounding", "files"),  # floating-point error bounds; atomic writes, hashes, folder locks
     ("graph",),  # the typed op graph every engine walks
     ("data",),  # data sets, encoders, feature caches
     ("onnx", "domains", "spec"),  # ONNX in/out; Box and Zonotope; spec files

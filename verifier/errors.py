@@ -32,6 +32,10 @@ class DataError(InputError):
     """A data set is missing, malformed, or does not match the model."""
 
 
+class OutputError(InputError):
+    """An output folder cannot be written now (e.g. another run holds its lock)."""
+
+
 class BackendError(InputError):
     """An optional backend (auto_LiRPA, z3, Chromium) is missing or cannot handle the request."""
 

@@ -7,13 +7,20 @@ sees either no file or the complete one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from verifier.errors import OutputError
+
+LOCK_FILE = ".lock"
+"""The file in an output folder whose exclusive lock a writing run holds."""
 
 
 def file_sha256(path: Path, *, chunk_bytes: int = 1 << 20) -> str:
@@ -68,3 +75,29 @@ def save_npz_atomic(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
             np.savez(handle, allow_pickle=False, **arrays)  # type: ignore[arg-type]
 
     write_atomic(path, write)
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (created if needed) while writing into it.
+
+    Two runs writing the same output folder cannot interleave: the second fails at once. The
+    lock is an advisory `flock` on `folder/.lock`, released when the block ends or the process
+    dies.
+
+    Raises:
+        OutputError: another process holds the lock.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            raise OutputError(
+                f"{folder}: another run is writing this output folder; wait for it to finish "
+                "or choose another folder (-o)"
+            ) from err
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

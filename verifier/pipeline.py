@@ -35,7 +35,7 @@ from verifier.domains.box import Box
 from verifier.domains.io import check_lid_matches, load_lid, save_lid, tensors_sha256
 from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, SpecError
-from verifier.files import file_sha256, write_text_atomic
+from verifier.files import file_sha256, folder_lock, write_text_atomic
 from verifier.graph import Graph
 from verifier.onnx.prefix import load_bounded_graph, prefix_progress
 from verifier.report.certificate import build_certificate
@@ -263,7 +263,23 @@ def run_lid(
 
     Writes `out_dir/lid.safetensors`, `out_dir/certificate.json` and `out_dir/history.jsonl`
     (each atomically). The LID and certificate are written even when the certificate fails.
+    The run holds `out_dir`'s lock throughout (`verifier.files.folder_lock`).
+
+    Raises:
+        OutputError: another run is writing `out_dir`.
     """
+    with folder_lock(out_dir):
+        return _run_lid(spec, out_dir, device, on_step, on_phase, command)
+
+
+def _run_lid(
+    spec: Spec,
+    out_dir: Path,
+    device: str | None,
+    on_step: Callable[[SearchStep], None] | None,
+    on_phase: Callable[[str], None] | None,
+    command: str,
+) -> LidRun:
     started = time.time()
     phase = on_phase or (lambda _message: None)
     run_device = device or spec.device

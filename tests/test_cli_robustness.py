@@ -1,4 +1,5 @@
-"""Ctrl-C ends a run with exit code 130 and one line, never 1 ("specification not met")."""
+"""The CLI under real-world conditions: Ctrl-C exits 130, progress in a log file stays plain,
+and two runs cannot write one output folder at once."""
 
 from __future__ import annotations
 
@@ -84,3 +85,32 @@ def test_progress_on_a_log_file_is_plain_lines_without_carriage_returns(tmp_path
     progress = [line for line in text.splitlines() if line.startswith("LID search:")]
     assert progress and progress[-1].startswith("LID search: 40/40 it"), text
     assert len(progress) <= 3, text
+
+
+def test_a_second_run_on_a_locked_output_folder_exits_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from verifier.cli import ExitCode, cli
+    from verifier.files import folder_lock
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(ROOT / "onnx_models" / "digits_mlp.onnx"),
+                "data": {"name": "digits", "split": "test"},
+                "tasks": [{"name": "digits", "metric": "accuracy", "target": 0.5}],
+                "search": {"iterations": 5},
+            }
+        ),
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    with folder_lock(out):  # as a first run writing the folder would hold it
+        result = CliRunner().invoke(cli, ["lid", str(spec), "-o", str(out)])
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "another run is writing this output folder" in lines[0]
+    assert not (out / "lid.safetensors").exists()
+    after = CliRunner().invoke(cli, ["lid", str(spec), "-o", str(out)])
+    assert after.exit_code == ExitCode.OK, after.output  # the lock goes with its holder
