@@ -114,3 +114,39 @@ def test_a_second_run_on_a_locked_output_folder_exits_2(tmp_path: Path) -> None:
     assert not (out / "lid.safetensors").exists()
     after = CliRunner().invoke(cli, ["lid", str(spec), "-o", str(out)])
     assert after.exit_code == ExitCode.OK, after.output  # the lock goes with its holder
+
+
+def test_a_reader_sees_the_old_lid_or_the_new_one_never_a_mix(tmp_path: Path) -> None:
+    import threading
+
+    import torch
+
+    from verifier.domains import Box
+    from verifier.domains.io import load_lid, save_lid
+
+    gen = torch.Generator().manual_seed(0)
+    centre = {"w": torch.randn(300, 50, generator=gen, dtype=torch.float64)}
+    boxes = [Box.around(centre, radius=r) for r in (0.01, 0.02)]
+    path = tmp_path / "lid.safetensors"
+    save_lid(path, boxes[0], {"model_sha256": "0" * 64})
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            save_lid(path, boxes[turn % 2], {"model_sha256": "0" * 64})
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    seen = set()
+    try:
+        for _ in range(200):
+            upper = load_lid(path).box.upper["w"]
+            matches = [i for i, b in enumerate(boxes) if torch.equal(upper, b.upper["w"])]
+            assert len(matches) == 1, "a LID read while being rewritten matches neither version"
+            seen.add(matches[0])
+    finally:
+        stop.set()
+        writer.join()
+    assert seen == {0, 1}  # both versions were read: the rewrites really overlapped the reads

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save_file
 from torch import Tensor
 
 from verifier.domains.box import Box
@@ -104,6 +105,16 @@ def save_lid(path: Path, box: Box | Zonotope, metadata: Mapping[str, str]) -> No
     write_atomic(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
+def _header_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (already validated by the loader)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size].decode("utf-8"))
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("the header's __metadata__ is not a mapping")
+    return {str(k): str(v) for k, v in metadata.items()}
+
+
 def load_lid(path: str | Path) -> LidFile:
     """Read a LID file and check its structure and content hash.
 
@@ -114,11 +125,11 @@ def load_lid(path: str | Path) -> LidFile:
     if not path.is_file():
         raise DomainError(f"{path}: LID file not found")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        # one read: tensors and metadata come from the same bytes, so a run that replaces the
+        # file meanwhile (an atomic rename) yields the old LID or the new one, never a mix
+        data = path.read_bytes()
+        tensors = load_bytes(data)
+        metadata = _header_metadata(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise DomainError(f"{path}: not a valid LID (safetensors) file: {err}") from None
     if metadata.get("schema_version") != SCHEMA_VERSION:
