@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -207,6 +209,19 @@ def _write_pickled(path: Path) -> None:
     np.savez(path, x=objects, y=np.zeros(4, np.int64))
 
 
+def _write_huge_header(path: Path) -> None:
+    """x.npy declares 100,000 x 100,000 float32 (40 GB) but stores 16 bytes."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000)}
+    )
+    labels = io.BytesIO()
+    np.save(labels, np.zeros(4, np.int64))
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * 16)
+        archive.writestr("y.npy", labels.getvalue())
+
+
 NAN_X = _x()
 NAN_X[2, 1] = np.nan
 INF_X = _x()
@@ -217,6 +232,11 @@ NPZ_REJECTIONS: dict[str, tuple[Callable[[Path], None] | None, str, str]] = {
     "not a zip": (_write_text, "test", "not an .npz archive"),
     "single npy": (_write_npy, "test", "found a single .npy array"),
     "pickled objects": (_write_pickled, "test", "array 'x' holds pickled Python objects"),
+    "huge declared shape": (
+        _write_huge_header,
+        "test",
+        r"array 'x' declares shape \(100000, 100000\) of float32 \(40,000,000,000 bytes\)",
+    ),
     "missing x": (_write_npz(y=np.zeros(4, np.int64)), "test", "array 'x' is missing"),
     "missing y": (_write_npz(x=_x()), "test", "array 'y' is missing"),
     "no arrays": (_write_npz(features=_x()), "test", "expected arrays 'x' and 'y'"),

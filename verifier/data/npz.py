@@ -87,7 +87,43 @@ def _choose_keys(path: Path, names: list[str], split: str) -> tuple[str, str]:
     return keys
 
 
+MAX_ARRAY_BYTES: Final = 8 * 1024**3
+"""The largest array an .npz may hold (8 GiB); larger ones are refused before allocating."""
+
+
+def _check_declared_size(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> None:
+    """Refuse, before numpy allocates it, an array whose header declares more bytes than the
+    file stores or than MAX_ARRAY_BYTES (a crafted header must not exhaust memory)."""
+    member = f"{key}.npy"
+    zip_file = archive.zip
+    if zip_file is None or member not in zip_file.namelist():
+        return
+    with zip_file.open(member) as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            reader = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = reader(handle)
+        except ValueError:
+            return  # not a plain array header: numpy's own loader reports it
+        header_bytes = handle.tell()
+    if dtype.hasobject:
+        return  # refused as pickled objects by the loader
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    stored = zip_file.getinfo(member).file_size - header_bytes
+    if declared > MAX_ARRAY_BYTES or declared > stored:
+        raise DataError(
+            f"{path}: array '{key}' declares shape {tuple(shape)} of {dtype} ({declared:,} "
+            f"bytes) but the file stores {stored:,} bytes (limit {MAX_ARRAY_BYTES:,}); "
+            "re-save it with np.savez"
+        )
+
+
 def _read_array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarray:
+    _check_declared_size(archive, path, key)
     try:
         value = archive[key]
     except ValueError as err:
