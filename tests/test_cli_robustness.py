@@ -9,24 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.test_cli_pipeline import write_spec
 
 
 def test_ctrl_c_during_a_search_exits_130(tmp_path: Path) -> None:
-    spec = tmp_path / "long.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(ROOT / "onnx_models" / "digits_mlp.onnx"),
-                "data": {"name": "digits", "split": "test"},
-                "tasks": [{"name": "digits", "metric": "accuracy", "target": 0.5}],
-                "search": {"iterations": 100000},
-            }
-        ),
-        encoding="utf-8",
-    )
+    spec = write_spec(tmp_path, "long.yaml", search={"iterations": 100000})
     out = tmp_path / "out"
     process = subprocess.Popen(
         [
@@ -58,18 +45,7 @@ def test_ctrl_c_during_a_search_exits_130(tmp_path: Path) -> None:
 
 
 def test_progress_on_a_log_file_is_plain_lines_without_carriage_returns(tmp_path: Path) -> None:
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(ROOT / "onnx_models" / "digits_mlp.onnx"),
-                "data": {"name": "digits", "split": "test"},
-                "tasks": [{"name": "digits", "metric": "accuracy", "target": 0.5}],
-                "search": {"iterations": 40},
-            }
-        ),
-        encoding="utf-8",
-    )
+    spec = write_spec(tmp_path, "spec.yaml", search={"iterations": 40})
     log = tmp_path / "run.log"
     with log.open("w", encoding="utf-8") as handle:
         done = subprocess.run(
@@ -93,18 +69,7 @@ def test_a_second_run_on_a_locked_output_folder_exits_2(tmp_path: Path) -> None:
     from verifier.cli import ExitCode, cli
     from verifier.files import folder_lock
 
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        yaml.safe_dump(
-            {
-                "model": str(ROOT / "onnx_models" / "digits_mlp.onnx"),
-                "data": {"name": "digits", "split": "test"},
-                "tasks": [{"name": "digits", "metric": "accuracy", "target": 0.5}],
-                "search": {"iterations": 5},
-            }
-        ),
-        encoding="utf-8",
-    )
+    spec = write_spec(tmp_path, "spec.yaml", search={"iterations": 5})
     out = tmp_path / "out"
     with folder_lock(out):  # as a first run writing the folder would hold it
         result = CliRunner().invoke(cli, ["lid", str(spec), "-o", str(out)])
