@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: the local CPU wheel (an unpinned torch pulls GBs of CUDA packages)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	# auto_LiRPA 0.3 pins torch<1.13 in its metadata; it runs on 2.13 via verifier/bounds/lirpa_compat.py
 	$(PY) -m pip install --quiet --no-deps auto_LiRPA==0.3
 	rm -f $(VENV)/.installed-*

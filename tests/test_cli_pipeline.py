@@ -112,17 +112,30 @@ def test_lid_file_loads_and_matches_the_certificate(easy_run: LidRunOutput) -> N
     assert doc["lid"]["sha256"] == file_sha256(easy_run.lid_path)
 
 
-def test_lid_with_unreachable_target_exits_1_and_still_writes(tmp_path: Path) -> None:
-    # k <= n = 399 held-out samples: even k = n gives a Clopper-Pearson bound of 0.983 < 0.999
+def test_lid_with_unreachable_target_exits_1_and_writes_nothing(tmp_path: Path) -> None:
+    # k <= n = 399 held-out samples: even k = n gives a Clopper-Pearson bound below 0.999
+    spec = write_spec(tmp_path, tasks=[{"name": "digits", "target": 0.999}])
+    out_dir = tmp_path / "out"
+    result = invoke("lid", spec, "-o", out_dir)
+    assert result.exit_code == ExitCode.SPEC_NOT_MET, result.output
+    assert "not certifiable: task 'digits': τ = 0.9990" in result.stderr
+    assert not (out_dir / "lid.safetensors").exists()
+
+
+def test_lid_with_a_failing_certificate_exits_1_and_still_writes(tmp_path: Path) -> None:
+    # a search aimed at τ itself on the optimisation part (slack 0, no ladder) leaves the
+    # held-out rate near τ, so its Clopper-Pearson bound falls below τ
     spec = write_spec(
         tmp_path,
-        tasks=[{"name": "digits", "target": 0.999}],
-        search={"iterations": 5},
+        tasks=[{"name": "digits", "target": 0.9}],
+        search={"iterations": 300, "lr": 1.0, "target_slack": 0.0},
+        certify={"beta": 0.001, "ladder": {"scales": [1.0], "targets": 1}},
     )
     out_dir = tmp_path / "out"
     result = invoke("lid", spec, "-o", out_dir)
     assert result.exit_code == ExitCode.SPEC_NOT_MET, result.output
     assert "verdict: not met" in result.stdout
+    assert "WARNING: no candidate of the ladder met every target" in result.stdout
     assert (out_dir / "lid.safetensors").is_file()
     doc = json.loads((out_dir / "certificate.json").read_text(encoding="utf-8"))
     assert doc["verdict"] == "not met"

@@ -8,6 +8,7 @@ Browser tests skip when Chromium is absent (`make test` installs it).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -71,9 +72,12 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> RunFolder:
 
 
 def copy_out(run: RunFolder, tmp_path: Path) -> Path:
-    """A copy of the run's output folder (model and data stay where the certificate says)."""
+    """A copy of the run's output folder, with copies of the model and data where the
+    certificate says (its paths are relative to its folder)."""
     out = tmp_path / "out"
     shutil.copytree(run.out_dir, out)
+    for source in (run.model, run.data):
+        shutil.copyfile(source, out / os.path.relpath(source, run.out_dir))
     return out
 
 
@@ -94,7 +98,7 @@ def test_schema_is_valid_draft_2020_12_shipped_in_the_package() -> None:
     text = resources.files("verifier.report").joinpath("certificate.schema.json").read_text()
     schema = json.loads(text)
     Draft202012Validator.check_schema(schema)
-    assert schema["properties"]["schema_version"] == {"const": "2"}
+    assert schema["properties"]["schema_version"] == {"enum": ["2", "3"]}
 
 
 def test_real_certificate_matches_the_schema(run_folder: RunFolder) -> None:
@@ -110,7 +114,12 @@ def test_certificate_records_hashes_versions_and_statistics(run_folder: RunFolde
     doc = run_folder.certificate
     out = run_folder.out_dir
     assert set(doc["software"]) >= {"lid-verifier", "torch", "onnx", "auto_LiRPA", "python"}
-    assert doc["model"] == {"path": str(run_folder.model), "sha256": file_sha256(run_folder.model)}
+    # paths relative to the certificate's folder (issue 23: relocatable output folders)
+    assert doc["model"] == {"path": "../model.onnx", "sha256": file_sha256(run_folder.model)}
+    assert doc["spec"]["model"] == "../model.onnx"
+    assert doc["spec"]["data"]["name"] == "../digits_test.npz"
+    assert not Path(doc["working_directory"]).is_absolute()
+    assert doc["lid"]["path"] == "lid.safetensors"
     assert doc["lid"]["sha256"] == file_sha256(out / "lid.safetensors")
     assert doc["lid"]["file"] == "lid.safetensors"
     assert doc["search"]["history_sha256"] == file_sha256(out / "history.jsonl")
@@ -121,7 +130,7 @@ def test_certificate_records_hashes_versions_and_statistics(run_folder: RunFolde
         doc["lid"]["total_width"]
     )
     (task,) = doc["tasks"]
-    assert task["data"]["name"] == str(run_folder.data)
+    assert task["data"]["name"] == "../digits_test.npz"
     assert sum(c["n"] for c in task["per_class"]) == task["n"]
     assert sum(c["k"] for c in task["per_class"]) == task["k"]
     assert task["n"] + task["n_optimisation"] == N_SAMPLES

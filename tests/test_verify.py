@@ -317,7 +317,7 @@ def test_unsupported_schema_version_exits_2(run_folder: RunFolder, tmp_path: Pat
     doc = json.loads(path.read_text(encoding="utf-8"))
     doc["schema_version"] = "1"
     path.write_text(json.dumps(doc), encoding="utf-8")
-    assert_bad_input(invoke("verify", out), r"schema version '1'; this verifier reads '2'")
+    assert_bad_input(invoke("verify", out), r"schema version '1'; this verifier reads '2' and '3'")
 
 
 # ---------------------------------------------------------------- cross-check

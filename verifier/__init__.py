@@ -28,8 +28,10 @@ LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     ("onnx", "domains", "spec"),  # ONNX in/out; Box and Zonotope; spec files
     ("bounds",),  # IBP, zonotope, auto_LiRPA bounds
     ("certify",),  # certified samples, Clopper-Pearson / Hoeffding
+    ("ladder",),  # nested scales of a LID certified at beta / m; what held-out data can certify
     ("search",),  # primal-dual LID search
     ("update", "crosscheck"),  # projection and safe training; falsifiers and exact solvers
+    ("distributed",),  # Ray: certification, cross-checks and grids as tasks; streaming
     ("report", "cl"),  # certificate JSON and HTML; continual-learning experiments
     ("pipeline",),  # spec -> LID -> certificate -> report
     ("verification",),  # recompute a run's certificate from its artifacts

@@ -16,9 +16,11 @@ balanced accuracy of every θ' in T.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from scipy import stats
@@ -64,12 +66,19 @@ def proportion_lower(k: int, n: int, beta: float, kind: BoundKind) -> float:
 def required_rate(target: float, n: int, beta: float, kind: BoundKind) -> float:
     """The smallest empirical rate k/n whose lower bound on n samples still reaches `target`.
 
-    Returns 1.0 (or more, i.e. unreachable) when even k = n falls short.
+    Returns 1.0 (or more, i.e. unreachable) when even k = n falls short. Bisection on k (the
+    bound grows with k), so large n costs O(log n) bound evaluations.
     """
-    for k in range(math.ceil(target * n), n + 1):
-        if proportion_lower(k, n, beta, kind) >= target:
-            return k / n
-    return 1.0 + 1.0 / max(n, 1)
+    low, high = max(math.ceil(target * n), 0), n
+    if n <= 0 or proportion_lower(high, n, beta, kind) < target:
+        return 1.0 + 1.0 / max(n, 1)
+    while low < high:  # invariant: k = high reaches the target
+        mid = (low + high) // 2
+        if proportion_lower(mid, n, beta, kind) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    return high / n
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,38 @@ class TaskCertificate:
         return asdict(self)
 
 
+class SampleCertifier(Protocol):
+    """A backend that runs `certify_samples` elsewhere (issue 22: `verifier.distributed` runs
+    its chunks as Ray tasks); it must return the same mask and count, bit for bit."""
+
+    def __call__(
+        self,
+        graph: Graph,
+        box: Box | Zonotope,
+        x: Tensor,
+        y: Tensor,
+        *,
+        method: CertMethod,
+        chunk_size: int,
+        on_chunk: Callable[[int], None] | None,
+    ) -> tuple[Tensor, int]: ...
+
+
+_BACKEND: ContextVar[SampleCertifier | None] = ContextVar("certify_backend", default=None)
+
+
+@contextmanager
+def certification_backend(backend: SampleCertifier | None) -> Iterator[None]:
+    """Run every `certify_samples` call made in this context through `backend` (None: in this
+    process). Set by the edge (CLI, benchmarks) so that the search's checkpoint proofs and the
+    held-out certificate fan out without a backend argument threaded through every layer."""
+    token = _BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
 def certify_samples(
     graph: Graph,
     box: Box | Zonotope,
@@ -134,6 +175,12 @@ def certify_samples(
     Returns:
         (certified mask of shape (n,), number of samples whose bounds were NaN or Inf).
     """
+    backend = _BACKEND.get()
+    if backend is not None:  # issue 22: e.g. Ray tasks; the backend's own calls run here
+        with certification_backend(None):
+            return backend(
+                graph, box, x, y, method=method, chunk_size=chunk_size, on_chunk=on_chunk
+            )
     device = x.device
     box64 = box.to(torch.float64, device)
     masks, nonfinite = [], 0

@@ -1,8 +1,10 @@
 """The one exception hierarchy of lid-verifier.
 
 `InputError` covers everything a user can fix (a bad file, spec, graph, domain or data set);
-the CLI turns it into one line on stderr and exit code 2. `SoundnessError` means a falsifier
-broke a certified claim: that is a bug, and nothing catches it to carry on.
+the CLI turns it into one line on stderr and exit code 2. `TargetUnreachable` means the
+held-out data cannot certify a target whatever the box (exit 1, as for a target not met).
+`SoundnessError` means a falsifier broke a certified claim: that is a bug, and nothing
+catches it to carry on.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class OutputError(InputError):
 
 class BackendError(InputError):
     """An optional backend (auto_LiRPA, z3, Chromium) is missing or cannot handle the request."""
+
+
+class TargetUnreachable(VerifierError):
+    """The held-out data cannot certify a target, whatever the box (the CLI exits 1)."""
 
 
 class SoundnessError(VerifierError):

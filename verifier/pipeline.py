@@ -12,9 +12,10 @@ import fnmatch
 import json
 import math
 import platform
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,20 +35,24 @@ from verifier.data import Dataset, data_sha256, load_dataset, validate_for_model
 from verifier.domains.box import Box
 from verifier.domains.io import check_lid_matches, load_lid, save_lid, tensors_sha256
 from verifier.domains.zonotope import Zonotope
-from verifier.errors import DataError, SpecError
+from verifier.errors import DataError, SpecError, TargetUnreachable
 from verifier.files import file_sha256, folder_lock, write_text_atomic
 from verifier.graph import Graph
+from verifier.ladder import LadderResult, climb, lid_warnings, unreachable_message
+from verifier.ladder import merge as merge_ladders
 from verifier.onnx.prefix import load_bounded_graph, prefix_progress
-from verifier.report.certificate import build_certificate
+from verifier.report.certificate import build_certificate, portable_spec
 from verifier.search import (
     SearchResult,
     SearchStep,
     SearchTask,
     fisher_importance,
     frozen_by_importance,
+    hard_metrics,
     search_lid,
     si_importance,
 )
+from verifier.search.dual import proof_method
 from verifier.spec import DataSection, Spec, TaskSection, spec_hash
 from verifier.update.sequence import check_inside, load_outer
 
@@ -65,6 +70,15 @@ class PreparedTask:
     y_cert: Tensor
     opt_sha256: str
     cert_sha256: str
+    search_targets: tuple[float, ...] = ()
+
+    def at_target(self, index: int) -> PreparedTask:
+        """The task with the search aiming at its `index`-th ladder target (the last one when
+        it has fewer)."""
+        if not self.search_targets:
+            return self
+        value = self.search_targets[min(index, len(self.search_targets) - 1)]
+        return replace(self, search_target=value, search=replace(self.search, target=value))
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,6 +103,11 @@ def select_parameters(graph: Graph, selection: str | Sequence[str]) -> list[str]
         SpecError: a name or pattern matches no parameter.
     """
     names = list(graph.parameters)
+    if not names or not selection:  # nothing to box: the search would have no variable
+        why = "the model has no parameters" if not names else "an empty list"
+        raise SpecError(
+            f"parameters: nothing to box ({why}); name at least one initializer, or use 'all'"
+        )
     if selection == "all":
         return names
     chosen: list[str] = []
@@ -143,19 +162,23 @@ def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask
             f"task '{section.name}': target resolves to {target:.4f} (clean {clean:.4f}); "
             "it must lie in (0, 1]"
         )
+    n_eff, beta = x_cert.shape[0], spec.certify.beta_each
+    if section.metric == "balanced_accuracy":
+        # per-class bounds at beta / C; the rarest class needs the highest rate
+        counts = torch.unique(y_cert, return_counts=True)[1]
+        n_classes = max(int(counts.numel()), 1)
+        n_eff, beta = max(int(counts.min()), 1), beta / n_classes
+    needed = required_rate(target, n_eff, beta, spec.certify.bound)
+    if needed > clean:
+        raise TargetUnreachable(unreachable_message(spec, section.name, target, clean, n_eff, beta))
     slack = spec.search.target_slack
-    if slack == "auto":
-        n_eff = x_cert.shape[0]
-        beta = spec.certify.beta
-        if section.metric == "balanced_accuracy":
-            # per-class bounds at beta / C; the rarest class needs the highest rate
-            counts = torch.unique(y_cert, return_counts=True)[1]
-            n_classes = max(int(counts.numel()), 1)
-            n_eff, beta = max(int(counts.min()), 1), beta / n_classes
-        search_target = required_rate(target, n_eff, beta, spec.certify.bound)
-    else:
-        search_target = target + float(slack)
+    search_target = needed if slack == "auto" else target + float(slack)
     search_target = min(search_target, clean)
+    # the ladder's lower targets: steps of the held-out rate's standard deviation, down to τ
+    ladder = spec.certify.ladder
+    sigma = math.sqrt(search_target * (1.0 - search_target) / n_eff)
+    lowered = [max(target, search_target - j * ladder.step * sigma) for j in range(ladder.targets)]
+    search_targets = tuple(dict.fromkeys(lowered))
     perm_opt = torch.randperm(
         x_opt.shape[0], generator=torch.Generator().manual_seed(spec.search.seed)
     )
@@ -180,6 +203,7 @@ def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask
         y_cert,
         data_sha256(x_opt, y_opt),
         data_sha256(x_cert, y_cert),
+        search_targets,
     )
 
 
@@ -243,11 +267,103 @@ def certify_prepared(
         task=task.section.name,
         metric=task.section.metric,
         target=task.target,
-        beta=spec.certify.beta,
+        beta=spec.certify.beta_each,
         bound_kind=spec.certify.bound,
         method=method,
         n_nonfinite=nonfinite,
     )
+
+
+def climb_ladder(
+    graph: Graph,
+    domain: Box | Zonotope,
+    theta0: Mapping[str, Tensor],
+    tasks: Sequence[PreparedTask],
+    spec: Spec,
+    outer: Box | None,
+    phase: Callable[[str], None],
+    search: int,
+) -> LadderResult:
+    """Certify scales of a search result on the held-out parts; keep the widest that holds."""
+    scales = spec.certify.ladder.scales
+    m = spec.certify.ladder.m
+
+    def certify(candidate: Box | Zonotope) -> list[TaskCertificate]:
+        method = spec.certify.method
+        return [certify_prepared(graph, candidate, t, spec, method=method) for t in tasks]
+
+    def on_rung(scale: float, done: int) -> None:
+        phase(
+            f"certifying on held-out data (float64): scale {scale:g} of search {search + 1} "
+            f"({done + 1} tried of its {len(scales)}; {m} candidates in all, at beta/{m})"
+        )
+
+    return climb(
+        domain,
+        theta0,
+        scales,
+        certify,
+        outer=outer,
+        max_width=spec.search.max_width,
+        on_rung=on_rung,
+        search=search,
+        search_targets=tuple(t.search_target for t in tasks),
+        searches=spec.certify.ladder.targets,
+    )
+
+
+def _preference(ladder: LadderResult, spec: Spec) -> tuple[bool, float]:
+    """Candidates that hold first, then the larger size (the search's measure)."""
+    domain = ladder.chosen.domain
+    box = domain.interval_hull() if isinstance(domain, Zonotope) else domain
+    return ladder.chosen.holds, box.size(spec.search.size)
+
+
+def _search(
+    spec: Spec,
+    graph: Graph,
+    tasks: Sequence[PreparedTask],
+    names: list[str],
+    outer: Box | None,
+    frozen: dict[str, Tensor] | None,
+    device: str,
+    on_step: Callable[[SearchStep], None] | None,
+) -> tuple[Box | Zonotope, SearchResult]:
+    """One search at the tasks' current targets: (the domain, how it was found)."""
+    if spec.domain == "box":
+        search_tasks = [t.search for t in tasks]
+        result = search_lid(
+            graph,
+            search_tasks,
+            spec.search,
+            names=names,
+            outer=outer,
+            frozen=frozen,
+            device=device,
+            on_step=on_step,
+        )
+        return result.box, result
+    from verifier.search.zonotope import search_zonotope_lid
+
+    ahead = spec.search.importance.lookahead
+    lookahead = None
+    if spec.zonotope.init == "lookahead" and ahead is not None:
+        ahead_data = load_task_data(ahead, graph)
+        lookahead = (ahead_data.x, ahead_data.y)
+    found = search_zonotope_lid(
+        graph,
+        [t.search for t in tasks],
+        spec.search,
+        spec.zonotope,
+        names=names,
+        outer=outer,
+        frozen=frozen,
+        device=device,
+        lookahead=lookahead,
+        on_step=on_step,
+    )
+    # the search section describes checkpoints by their interval hulls (sizes only)
+    return found.zonotope, found.as_search_result()
 
 
 def run_lid(
@@ -283,70 +399,58 @@ def _run_lid(
     started = time.time()
     phase = on_phase or (lambda _message: None)
     run_device = device or spec.device
+    if re.fullmatch(r"cpu|cuda(:\d+)?", run_device) is None:  # issue 23: torch's own error
+        raise SpecError(f"device '{run_device}' is not supported; use cpu, cuda or cuda:N")
     if run_device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecError(f"device '{run_device}' requested but CUDA is not available here")
     model_path = Path(spec.model)
     # issue 11: the whole model, or its suffix after the frozen prefix (onnxruntime)
     graph = load_bounded_graph(model_path, spec.parameters, on_batch=prefix_progress(phase))
     names = select_parameters(graph, spec.parameters)
-    phase("preparing data")
-    tasks = [prepare_task(spec, section, graph) for section in spec.tasks]
     outer, outer_lid = None, None
     if spec.outer_box is not None:  # issue 7: task sequences, LID_t inside LID_{t-1}
         outer_lid = load_outer(spec.outer_box, graph.parameters, names)
         outer = outer_lid.box
+    phase("preparing data")
+    tasks = [prepare_task(spec, section, graph) for section in spec.tasks]
     frozen = _frozen_masks(spec, graph, names)
     n_searched = sum(graph.parameters[n].numel() for n in names)
-    phase(f"searching a {spec.domain} over {n_searched} parameters")
-    domain: Box | Zonotope
-    if spec.domain == "zonotope":
-        from verifier.search.zonotope import search_zonotope_lid
-
-        ahead = spec.search.importance.lookahead
-        lookahead = None
-        if spec.zonotope.init == "lookahead" and ahead is not None:
-            ahead_data = load_task_data(ahead, graph)
-            lookahead = (ahead_data.x, ahead_data.y)
-        found = search_zonotope_lid(
-            graph,
-            [t.search for t in tasks],
-            spec.search,
-            spec.zonotope,
-            names=names,
-            outer=outer,
-            frozen=frozen,
-            device=run_device,
-            lookahead=lookahead,
-            on_step=on_step,
-        )
-        # the search section describes checkpoints by their interval hulls (sizes only)
-        domain, result = found.zonotope, found.as_search_result()
-    else:
-        result = search_lid(
-            graph,
-            [t.search for t in tasks],
-            spec.search,
-            names=names,
-            outer=outer,
-            frozen=frozen,
-            device=run_device,
-            on_step=on_step,
-        )
-        domain = result.box
-    inherited = [] if outer_lid is None else outer_lid.inherited
-    if outer_lid is not None:
-        check_inside(domain, outer_lid)
-    phase("certifying on held-out data (float64)")
-    certificates = [
-        certify_prepared(graph, domain, t, spec, method=spec.certify.method) for t in tasks
-    ]
-    out_dir.mkdir(parents=True, exist_ok=True)
     theta0 = {n: graph.parameters[n] for n in names}
+    searches = sorted({j: None for t in tasks for j in range(len(t.search_targets))})
+    climbed: list[tuple[int, SearchResult, LadderResult]] = []
+    for j in searches:
+        at_j = [t.at_target(j) for t in tasks]
+        targets = ", ".join(f"{t.search_target:.4f}" for t in at_j)
+        phase(
+            f"searching a {spec.domain} over {n_searched} parameters (search {j + 1} of "
+            f"{len(searches)}, target {targets})"
+        )
+        domain, result = _search(spec, graph, at_j, names, outer, frozen, run_device, on_step)
+        if outer_lid is not None:
+            check_inside(domain, outer_lid)
+        ladder = climb_ladder(graph, domain, theta0, at_j, spec, outer, phase, j)
+        climbed.append((j, result, ladder))
+        # a lower target only pays while the held-out data certify at least the search result
+        if not ladder.chosen.holds or ladder.chosen.scale < 1.0:
+            break
+    chosen_j, result, ladder = max(climbed, key=lambda c: _preference(c[2], spec))
+    tasks = [t.at_target(chosen_j) for t in tasks]
+    ladder = merge_ladders([c[2] for c in climbed], ladder)
+    inherited = [] if outer_lid is None else outer_lid.inherited
+    domain, certificates = ladder.chosen.domain, ladder.chosen.certificates
+    if ladder.chosen.scale != 1.0:  # the search section describes the LID that is kept
+        hard = hard_metrics(
+            graph, domain, [t.search for t in tasks], method=proof_method(spec.search)
+        )
+        feasible = all(h >= t.search_target for h, t in zip(hard, tasks, strict=True))
+        kept = domain.interval_hull() if isinstance(domain, Zonotope) else domain
+        result = replace(result, box=kept, hard=hard, feasible=feasible)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model_sha = file_sha256(model_path)
     metadata = {
         "model_sha256": model_sha,
         "theta0_sha256": tensors_sha256(theta0),
-        "spec_sha256": spec_hash(spec),
+        "spec_sha256": spec_hash(portable_spec(spec, out_dir)),  # as certificate.json records it
         "certificate": json.dumps([c.to_json() for c in certificates]),
         "inherited": json.dumps(inherited),
     }
@@ -369,6 +473,8 @@ def _run_lid(
         software=software_versions(),
     )
     document["inherited"] = inherited
+    document["ladder"] = ladder.to_json(spec.certify.beta)
+    document["warnings"] = lid_warnings(domain, ladder)
     write_text_atomic(out_dir / "certificate.json", json.dumps(document, indent=2) + "\n")
     return LidRun(result, certificates, document, out_dir)
 

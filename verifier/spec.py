@@ -21,6 +21,11 @@ from verifier.errors import SpecError
 TARGET_PATTERN = re.compile(r"^\s*acc\s*-\s*([0-9]*\.?[0-9]+)\s*$")
 
 
+DEFAULT_SCALES: tuple[float, ...] = tuple(round(2.0 ** (k / 3), 4) for k in range(0, -4, -1))
+"""Four scales 2^(k/3), k = 0 .. -3 (1 down to 0.5): steps of 26%; a wider box than the
+search result comes from the next search, at a lower target."""
+
+
 class _Section(BaseModel, extra="forbid", frozen=True, validate_default=True):
     """Base of every spec section: unknown keys are errors, defaults are validated."""
 
@@ -133,8 +138,10 @@ class SearchSection(_Section):
     init_width: float = Field(1e-6, ge=0.0)
     target_slack: Literal["auto"] | float = Field(
         "auto",
-        description="Search for τ + slack on the optimisation part; 'auto' picks the rate whose "
-        "held-out Clopper-Pearson bound would still meet τ.",
+        description="Search for τ + slack on the optimisation part; 'auto' (default) picks the "
+        "rate whose held-out Clopper-Pearson bound at beta / m would just meet τ, and the "
+        "certification ladder (`certify.ladder`) then keeps the widest scale of the result that "
+        "the held-out data certifies, so no slack needs tuning.",
     )
     shrink: bool = True
     validation_fraction: float = Field(
@@ -196,6 +203,42 @@ class ZonotopeSection(_Section):
     )
 
 
+class LadderSection(_Section):
+    """The certification ladder (verifier/ladder.py): m = targets x len(scales) candidates,
+    each certified on the held-out part at beta / m (union bound); the widest that meets
+    every target is kept."""
+
+    scales: tuple[float, ...] = Field(
+        DEFAULT_SCALES,
+        description="Scales c of each search result (θ0 + c (box - θ0)) certified on the "
+        "held-out part; [1.0] certifies the search result alone.",
+    )
+    targets: int = Field(
+        3,
+        ge=1,
+        le=16,
+        description="Searches run, at the search target and at `step`, 2 `step`, ... standard "
+        "deviations of the held-out rate below it (never below τ); 1: one search.",
+    )
+    step: float = Field(1.0, gt=0.0, le=5.0)
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value:
+            raise ValueError("ladder needs at least one scale")
+        if any(not 0.0 < c <= 1e3 for c in value):
+            raise ValueError(f"ladder scales must lie in (0, 1000]; got {list(value)}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"ladder scales must be distinct; got {list(value)}")
+        return tuple(sorted(value, reverse=True))
+
+    @property
+    def m(self) -> int:
+        """The number of candidates the union bound covers."""
+        return self.targets * len(self.scales)
+
+
 class CertifySection(_Section):
     """The held-out finite-sample certificate."""
 
@@ -212,6 +255,12 @@ class CertifySection(_Section):
         "tighter of ibp and linear). Default: best when search.bound is linear, else ibp.",
     )
     split_seed: int = 0
+    ladder: LadderSection = LadderSection()
+
+    @property
+    def beta_each(self) -> float:
+        """The confidence parameter of each ladder candidate's certificate: beta / m."""
+        return self.beta / self.ladder.m
 
 
 class Spec(_Section):
@@ -325,6 +374,12 @@ def load_spec(path: Path) -> Spec:
         raise SpecError(f"{path}: not valid YAML{where}: {problem}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    except (ValueError, TypeError, AttributeError, OverflowError, RecursionError) as err:
+        # PyYAML's constructors fail this way on a bad !!timestamp, !!binary or deep nesting
+        problem = " ".join(str(err).split())[:200]
+        raise SpecError(f"{path}: not valid YAML (a value cannot be read: {problem})") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read ({err.__class__.__name__})") from None
     spec = parse_spec(raw, source=path)
     return resolve_paths(spec, path.parent)
 

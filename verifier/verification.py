@@ -33,12 +33,14 @@ from verifier.report.artifacts import (
     CERTIFICATE_FILE,
     CROSSCHECK_FILE,
     ArtifactError,
+    find_model,
     load_certificate,
     load_history,
+    locate_spec,
     read_json_object,
 )
 from verifier.report.certificate import (
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     lid_entry,
     schema_errors,
     software_extras,
@@ -156,6 +158,8 @@ class _Verifier:
         self.doc = doc
         self.cert_path = out_dir / CERTIFICATE_FILE
         self.result = Verification(out_dir)
+        # the spec as recorded (hashed, compared); the one `spec` returns has its paths located
+        self.recorded_spec: Any = None
 
     def compare(self, subject: str, expected: Any, found: Any, path: str, what: str) -> bool:
         """Compare a recomputed value with a recorded field; one check per difference."""
@@ -201,12 +205,13 @@ class _Verifier:
         if len(errors) > 10:
             self.result.add("certificate.json", "failed", f"... and {len(errors) - 10} more")
         if not errors:
-            self.result.add(
-                "certificate.json", "ok", f"matches its JSON Schema (version {SCHEMA_VERSION})"
-            )
+            version = self.doc["schema_version"]
+            what = f"matches its JSON Schema (version {version})"
+            self.result.add("certificate.json", "ok", what)
         return not errors
 
     def spec(self) -> Any:
+        """Validate and hash the recorded spec; return it with its paths located here."""
         from verifier.errors import SpecError
         from verifier.spec import parse_spec, spec_hash
 
@@ -215,6 +220,7 @@ class _Verifier:
         except SpecError as err:
             self.result.add("spec", "failed", f"the recorded spec is not valid: {err}")
             return None
+        self.recorded_spec = spec
         self.compare(
             "spec", spec_hash(spec), self.doc["spec_sha256"], "spec_sha256", "spec sha256 matches"
         )
@@ -237,21 +243,22 @@ class _Verifier:
                 f"{self.cert_path.name} model.path {self.doc['model']['path']!r} differs from "
                 f"spec.model {spec.model!r}",
             )
-        return spec
+        located, notes = locate_spec(spec, self.out_dir)
+        for note in notes:
+            self.result.add("data", "note", note)
+        return located
 
     def model(self, override: Path | None, spec: Any) -> tuple[Any, str] | None:
         from verifier.onnx.prefix import load_bounded_graph
 
-        recorded = Path(self.doc["model"]["path"])
-        path = override or recorded
-        if override is not None and override != recorded:
-            self.result.add("model", "note", f"using --model {override} (recorded: {recorded})")
-        if not path.is_file():
-            self.result.add(
-                "model", "failed", f"{path}: model file not found (pass --model PATH if it moved)"
-            )
+        recorded = self.doc["model"]
+        found = find_model(self.out_dir, recorded["path"], recorded["sha256"], given=override)
+        if found.note is not None:
+            self.result.add("model", "note", found.note)
+        if found.path is None or found.sha256 is None:  # given but not the model: stop here
+            self.result.add("model", "failed", str(found.problem))
             return None
-        sha = file_sha256(path)
+        path, sha = found.path, found.sha256
         self.hash_check("model", path, sha, "model.sha256")
         try:
             # a model with a frozen prefix is cut where the run cut it: at the LID's parameters
@@ -299,7 +306,11 @@ class _Verifier:
         for key, expected, what in (
             ("model_sha256", model_sha, "the model's sha256"),
             ("theta0_sha256", tensors_sha256(theta0), "the sha256 of the model's weights"),
-            ("spec_sha256", None if spec is None else spec_hash(spec), "the spec's sha256"),
+            (
+                "spec_sha256",
+                None if self.recorded_spec is None else spec_hash(self.recorded_spec),
+                "the spec's sha256",
+            ),
         ):
             if expected is None:
                 continue
@@ -344,16 +355,19 @@ class _Verifier:
             )
             return None
         prepared, certs = [], []
+        recorded_sections = self.recorded_spec.tasks
         for i, section in enumerate(spec.tasks):
             subject = f"task '{section.name}'"
             try:
-                task = prepare_task(spec, section, graph)
+                chosen = (self.doc.get("ladder") or {}).get("chosen_search", 0)
+                task = prepare_task(spec, section, graph).at_target(int(chosen))
                 cert = certify_prepared(graph, lid.domain, task, spec, method=spec.certify.method)
             except InputError as err:
                 self.result.add(subject, "failed", f"cannot recompute: {err}")
                 return None
+            # the data source as recorded (paths relative to the certificate's folder)
+            expected = task_entry(task, cert, recorded_sections[i].data or self.recorded_spec.data)
             data = section.data or spec.data
-            expected = task_entry(task, cert, data)
             for key, part in (
                 ("optimisation_data_sha256", "optimisation"),
                 ("certification_data_sha256", "certification"),
@@ -407,8 +421,9 @@ class _Verifier:
             self.result.add("lid", "ok", "the certificate in the LID's metadata matches")
         return prepared
 
-    def search(self, graph: Any, lid: Any, prepared: list[Any] | None) -> None:
+    def search(self, graph: Any, lid: Any, prepared: list[Any] | None, spec: Any) -> None:
         from verifier.search import hard_metrics
+        from verifier.search.dual import proof_method
 
         search = self.doc["search"]
         path = self.out_dir / search["history_file"]
@@ -433,7 +448,8 @@ class _Verifier:
                 )
         if prepared is not None:
             search_tasks = [t.search for t in prepared]
-            hard = list(hard_metrics(graph, lid.domain, search_tasks))
+            method = proof_method(spec.search)
+            hard = list(hard_metrics(graph, lid.domain, search_tasks, method=method))
             feasible = all(h >= t.search_target for h, t in zip(hard, prepared, strict=True))
             self.compare(
                 "search",
@@ -530,8 +546,9 @@ def verify_artifacts(
 
     Args:
         out_dir: the folder written by `verifier run` / `verifier lid`.
-        model_path: use this model file instead of the path recorded in the certificate (its
-            sha256 must still match the recorded one).
+        model_path: use this model file (its sha256 must still match the recorded one); else
+            the recorded path (relative to the folder), else an .onnx file in the folder or its
+            parent with the recorded sha256.
         on_phase: called with a short message before each slow step.
 
     Returns:
@@ -544,10 +561,11 @@ def verify_artifacts(
     phase = on_phase or (lambda _message: None)
     doc = load_certificate(out_dir)
     version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
+        readable = " and ".join(map(repr, READABLE_SCHEMA_VERSIONS))
         raise ArtifactError(
             f"{out_dir / CERTIFICATE_FILE}: schema version {version!r}; this verifier reads "
-            f"{SCHEMA_VERSION!r} (re-run `verifier lid` with this version)"
+            f"{readable} (re-run `verifier lid` with this version)"
         )
     check = _Verifier(out_dir, doc)
     if not check.structure():
@@ -561,7 +579,7 @@ def verify_artifacts(
     if lid is not None and spec is not None:
         phase("recomputing the held-out certificate (float64)")
         prepared = check.tasks(spec, graph, lid)
-        check.search(graph, lid, prepared)
+        check.search(graph, lid, prepared, spec)
     check.crosscheck(model_sha)
     check.recorded_facts()
     return check.result

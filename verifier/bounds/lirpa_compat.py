@@ -97,6 +97,10 @@ def apply_lirpa_compat() -> None:
         raise BackendError(f"the lirpa backend needs auto_LiRPA; install it with `{INSTALL_HINT}`")
     # record=True keeps the import's warnings (torch.jit.script deprecations) off the caller's
     # filters, and the context restores the filters auto_LiRPA resets to "once" on import.
+    # auto_LiRPA's forward_bound raises the recursion limit to 10^6 on import: deep input (a
+    # JSON or YAML file nested 100,000 levels) would then overflow the C stack and crash the
+    # process instead of raising RecursionError; keep the interpreter's limit (issue 23)
+    recursion_limit = sys.getrecursionlimit()
     with warnings.catch_warnings(record=True):
         _alias_numpy_arraysetops()
         _add_set_opset_version()
@@ -111,6 +115,8 @@ def apply_lirpa_compat() -> None:
                 f"auto_LiRPA failed to import on torch {torch.__version__} / numpy "
                 f"{np.__version__} ({err}); the lirpa backend supports `{INSTALL_HINT}`"
             ) from err
+        finally:
+            sys.setrecursionlimit(recursion_limit)
     _accept_remove_duplicate(auto_LiRPA.bound_general.BoundedModule)
     _dense_identity_in_weight_backward(
         auto_LiRPA.operators.linear.BoundLinear, auto_LiRPA.utils.eyeC

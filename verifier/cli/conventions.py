@@ -35,6 +35,15 @@ class BadInput(click.ClickException):
         click.echo(f"error: {self.format_message()}", err=True)
 
 
+class NotCertifiable(click.ClickException):
+    """One line on stderr, exit code 1: the specification cannot be met with this data."""
+
+    exit_code = ExitCode.SPEC_NOT_MET
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"not certifiable: {self.format_message()}", err=True)
+
+
 def input_errors_exit_2(func: F) -> F:
     """Turn an InputError raised by the library into one line on stderr and exit code 2."""
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from verifier.cli.cluster import RAY_OPT, ray_runner
 from verifier.cli.conventions import (
     JSON_OPT,
     ExitCode,
@@ -75,7 +76,7 @@ def native_stdout_to_stderr() -> Iterator[None]:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Worker processes for the per-sample work.",
+    help="Worker processes for the per-sample work (with --ray: the cluster's instead).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Falsifier seed.")
 @click.option("--split", default="test", show_default=True, help="Split of the data set.")
@@ -89,6 +90,7 @@ def native_stdout_to_stderr() -> Iterator[None]:
     default=None,
     help="Write OUT_DIR/crosscheck.json (and each violation's weights).",
 )
+@RAY_OPT
 @click.pass_context
 @input_errors_exit_2
 def crosscheck(
@@ -105,6 +107,7 @@ def crosscheck(
     data_dir: Path | None,
     as_json: bool,
     out_dir: Path | None,
+    ray_address: str | None,
 ) -> None:
     """Cross-check the bounds of LID_PATH for MODEL_PATH on DATA_REF: exact margins, attacks.
 
@@ -133,7 +136,7 @@ def crosscheck(
         bar.update(done - bar.n)
 
     try:
-        with native_stdout_to_stderr():
+        with native_stdout_to_stderr(), ray_runner(ray_address) as runner:
             report = run_crosscheck(
                 model_path,
                 lid_path,
@@ -143,6 +146,7 @@ def crosscheck(
                 n_samples=n_samples,
                 config=config,
                 on_progress=on_progress,
+                runner=runner,
             )
     finally:
         if bar is not None:

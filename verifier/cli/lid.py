@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from verifier.cli.cluster import RAY_OPT, certify_document, ray_certifier
 from verifier.cli.conventions import (
     DEVICE_OPT,
     JSON_OPT,
     ExitCode,
+    NotCertifiable,
     data_dir_option,
     emit_json,
     input_errors_exit_2,
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 
 def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) -> bool:
+    from verifier.errors import TargetUnreachable
     from verifier.pipeline import run_lid
     from verifier.spec import load_spec
 
@@ -37,6 +40,8 @@ def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) 
             on_phase=on_phase,
             command=" ".join(["verifier", *sys.argv[1:]]),
         )
+    except TargetUnreachable as err:  # explained before any search; nothing written
+        raise NotCertifiable(str(err)) from err
     finally:
         close()
     if as_json:
@@ -73,8 +78,8 @@ def render_certificate(doc: dict[str, Any]) -> str:
         lines.append(
             f"task {task['task']}: {task['metric']} clean {task['clean_metric']:.4f}, "
             f"target {task['target']:.4f}; held-out certified {task['k']}/{task['n']}, "
-            f"{task['bound_kind']} lower bound {task['lower_bound']:.4f} at beta={task['beta']} "
-            f"-> {'holds' if task['holds'] else 'NOT MET'}"
+            f"{task['bound_kind']} lower bound {task['lower_bound']:.4f} at "
+            f"beta={task['beta']:.3g} -> {'holds' if task['holds'] else 'NOT MET'}"
         )
     for entry in doc.get("inherited", []):
         status = "applies" if entry["applies"] else f"does NOT apply ({entry['applies_reason']})"
@@ -83,6 +88,14 @@ def render_certificate(doc: dict[str, Any]) -> str:
             f"{entry['k']}/{entry['n']}, lower bound {entry['lower_bound']:.4f}, target "
             f"{entry['target']:.4f}; this LID lies inside it, so the certificate {status}"
         )
+    ladder = doc.get("ladder")
+    if ladder is not None and ladder["m"] > 1:
+        lines.append(
+            f"ladder: scale {ladder['chosen_scale']:g} of search {ladder['chosen_search'] + 1} "
+            f"kept, the widest that held of {len(ladder['tried'])} certified of "
+            f"{ladder['m']} candidates (each at beta/{ladder['m']} = {ladder['beta_each']:.3g})"
+        )
+    lines.extend(f"WARNING: {warning}" for warning in doc.get("warnings", []))
     lines.append(f"written: {lid['path']} and certificate.json beside it")
     return "\n".join(lines)
 
@@ -103,13 +116,20 @@ OUT_OPT = click.option(
 @OUT_OPT
 @DEVICE_OPT
 @JSON_OPT
+@RAY_OPT
 @click.pass_context
 @input_errors_exit_2
 def lid(
-    ctx: click.Context, spec_path: Path, out_dir: Path, device: str | None, as_json: bool
+    ctx: click.Context,
+    spec_path: Path,
+    out_dir: Path,
+    device: str | None,
+    as_json: bool,
+    ray_address: str | None,
 ) -> None:
     """Search a box LID for SPEC_PATH and certify it on held-out data."""
-    holds = _lid_job(spec_path, out_dir, device, as_json)
+    with ray_certifier(ray_address):  # issue 22: checkpoint proofs and certificate as Ray tasks
+        holds = _lid_job(spec_path, out_dir, device, as_json)
     ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
 
 
@@ -119,6 +139,7 @@ def lid(
 @DEVICE_OPT
 @JSON_OPT
 @click.option("--pdf", is_flag=True, help="Also print the report to PDF (headless Chromium).")
+@RAY_OPT
 @click.pass_context
 @input_errors_exit_2
 def run(
@@ -128,6 +149,7 @@ def run(
     device: str | None,
     as_json: bool,
     pdf: bool,
+    ray_address: str | None,
 ) -> None:
     """Run the whole pipeline for SPEC_PATH: the `lid` job, then the compliance report.
 
@@ -136,7 +158,8 @@ def run(
     """
     from verifier.cli.report import write_report_files
 
-    holds = _lid_job(spec_path, out_dir, device, as_json)
+    with ray_certifier(ray_address):  # issue 22: checkpoint proofs and certificate as Ray tasks
+        holds = _lid_job(spec_path, out_dir, device, as_json)
     # the cross-check (`verifier crosscheck`) goes here, before the report that shows it
     write_report_files(out_dir, pdf=pdf)
     ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
@@ -171,6 +194,7 @@ def run(
     help="Bound method of the proof.",
 )
 @JSON_OPT
+@RAY_OPT
 @click.pass_context
 @input_errors_exit_2
 def certify(
@@ -185,20 +209,24 @@ def certify(
     bound_kind: str,
     method: str,
     as_json: bool,
+    ray_address: str | None,
 ) -> None:
-    """Certify the LID at LID_PATH for MODEL_PATH on DATA_REF (all of it counts as held out)."""
-    from verifier.pipeline import run_certify
+    """Certify the LID at LID_PATH for MODEL_PATH on DATA_REF (all of it counts as held out).
 
-    doc = run_certify(
+    DATA_REF is a data set, an .npz file, or a folder read chunk by chunk with flat memory
+    (x.npy and y.npy, or .npz shards with arrays x and y).
+    """
+    doc = certify_document(
         model_path,
         lid_path,
         data_ref,
+        ray_address=ray_address,
         split=split,
         data_dir=data_dir,
         target=target,
         beta=beta,
         bound_kind=bound_kind,
-        method=method,  # type: ignore[arg-type]
+        method=method,
     )
     if as_json:
         emit_json(doc)

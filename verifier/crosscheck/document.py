@@ -30,6 +30,7 @@ from verifier.crosscheck.run import (
     CrosscheckResult,
     MarginCheck,
     ProgressCallback,
+    SampleRunner,
     crosscheck_samples,
     describe_violation,
 )
@@ -135,6 +136,7 @@ def run_crosscheck(
     n_samples: int | None = 20,
     config: CrosscheckConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    runner: SampleRunner | None = None,
 ) -> CrosscheckReport:
     """Cross-check a LID file on the first `n_samples` samples of a data set.
 
@@ -147,6 +149,7 @@ def run_crosscheck(
         n_samples: how many samples, from the start of the split (None: all).
         config: options.
         on_progress: called with (samples done, total).
+        runner: where the per-sample work runs (`crosscheck_samples`; e.g. Ray tasks).
 
     Returns:
         The result and its crosscheck.json document.
@@ -181,6 +184,7 @@ def run_crosscheck(
         indices=list(range(count)),
         config=config,
         on_progress=on_progress,
+        runner=runner,
     )
     document = {
         "schema_version": SCHEMA_VERSION,

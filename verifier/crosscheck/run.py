@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -51,6 +51,21 @@ CROWN_ALLOWANCE_FLOOR = 1e-9
 
 ExactOption = Literal["auto", "milp", "smt", "none"]
 ProgressCallback = Callable[[int, int], None]
+
+
+class SampleRunner(Protocol):
+    """Runs the per-sample work elsewhere (issue 22: Ray tasks, `verifier.distributed`):
+    `[function(*shared, item) for item in items]` in item order, calling `on_result(index,
+    result)` as each completes."""
+
+    def __call__(
+        self,
+        function: Callable[..., Any],
+        shared: tuple[Any, ...],
+        items: Sequence[Any],
+        *,
+        on_result: Callable[[int, Any], None] | None = None,
+    ) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -421,6 +436,7 @@ def crosscheck_samples(
     indices: Sequence[int] | None = None,
     config: CrosscheckConfig | None = None,
     on_progress: ProgressCallback | None = None,
+    runner: SampleRunner | None = None,
 ) -> CrosscheckResult:
     """Cross-check the bound engine on samples: bounds vs exact margins vs falsifiers.
 
@@ -432,6 +448,8 @@ def crosscheck_samples(
         indices: data-set positions of the samples (recorded; default 0..n-1).
         config: options (default `CrosscheckConfig()`).
         on_progress: called with (samples done, total) after each sample.
+        runner: where the per-sample work runs (e.g. Ray tasks); None: `config.jobs`
+            processes of this machine. Results do not depend on it.
 
     Returns:
         The result; violations are recorded, not raised (see `CrosscheckResult.check_sound`).
@@ -462,7 +480,17 @@ def crosscheck_samples(
         tasks.append(_Task(p, positions[p], x[p : p + 1].to(torch.float64), label, claims))
     outcomes: list[_Outcome | None] = [None] * n
     done = 0
-    if config.jobs == 1 or n <= 1:
+    if runner is not None and n > 1:
+
+        def record(_index: int, outcome: _Outcome) -> None:
+            nonlocal done
+            outcomes[outcome.position] = outcome
+            done += 1
+            if on_progress is not None:
+                on_progress(done, n)
+
+        runner(_check_sample, (graph, box, config), tasks, on_result=record)
+    elif config.jobs == 1 or n <= 1:
         for task in tasks:
             outcomes[task.position] = _check_sample(graph, box, config, task)
             done += 1

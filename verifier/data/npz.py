@@ -15,6 +15,7 @@ float32 as stored: no scaling); `y` holds integer class labels, shape (n,).
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -87,6 +88,15 @@ def _choose_keys(path: Path, names: list[str], split: str) -> tuple[str, str]:
     return keys
 
 
+_ZIP_ERRORS: Final = (OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+"""What reading a damaged zip member raises (an unknown compression method: NotImplementedError)."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:200]
+
+
 MAX_ARRAY_BYTES: Final = 8 * 1024**3
 """The largest array an .npz may hold (8 GiB); larger ones are refused before allocating."""
 
@@ -98,18 +108,21 @@ def _check_declared_size(archive: np.lib.npyio.NpzFile, path: Path, key: str) ->
     zip_file = archive.zip
     if zip_file is None or member not in zip_file.namelist():
         return
-    with zip_file.open(member) as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            reader = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, dtype = reader(handle)
-        except ValueError:
-            return  # not a plain array header: numpy's own loader reports it
-        header_bytes = handle.tell()
+    try:
+        with zip_file.open(member) as handle:
+            try:
+                version = np.lib.format.read_magic(handle)
+                reader = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = reader(handle)
+            except ValueError:
+                return  # not a plain array header: numpy's own loader reports it
+            header_bytes = handle.tell()
+    except _ZIP_ERRORS as err:  # a damaged member: its local header, its compressed bytes
+        raise DataError(f"{path}: cannot read array '{key}' ({_one_line(err)})") from None
     if dtype.hasobject:
         return  # refused as pickled objects by the loader
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -133,8 +146,8 @@ def _read_array(archive: np.lib.npyio.NpzFile, path: Path, key: str) -> np.ndarr
                 "expected a numeric array (save e.g. np.asarray(values, dtype=np.float32))"
             ) from err
         raise DataError(f"{path}: cannot read array '{key}' ({err})") from err
-    except (OSError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: cannot read array '{key}' ({err})") from err
+    except _ZIP_ERRORS as err:
+        raise DataError(f"{path}: cannot read array '{key}' ({_one_line(err)})") from err
     if not isinstance(value, np.ndarray):
         raise DataError(f"{path}: member '{key}' is not a numpy .npy array")
     return value

@@ -142,8 +142,13 @@ def load_lid(path: str | Path) -> LidFile:
         raise DomainError(f"{path}: content hash mismatch: the LID tensors were modified")
     try:
         names = json.loads(metadata["parameters"])
-    except (KeyError, json.JSONDecodeError):
-        raise DomainError(f"{path}: metadata 'parameters' is missing or malformed") from None
+    except (KeyError, ValueError, RecursionError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DomainError(
+            f"{path}: metadata 'parameters' is missing or malformed (expected a JSON list of "
+            "parameter names)"
+        )
     lower, upper = {}, {}
     for name in names:
         if f"{name}.lower" not in tensors or f"{name}.upper" not in tensors:

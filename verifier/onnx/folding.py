@@ -21,6 +21,7 @@ from onnx import GraphProto, NodeProto, TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from verifier.errors import GraphError
+from verifier.onnx.limits import check_fold_size, folded_limit
 from verifier.onnx.reading import node_attributes, one_line
 
 SHAPE_SOURCES: Final = frozenset({"Shape", "Size"})
@@ -97,6 +98,7 @@ class ConstantFolder:
         self.values: dict[str, np.ndarray] = {}
         self.sources: dict[str, tuple[str, bool]] = {}
         self.roots: dict[str, frozenset[str]] = {}
+        self.initializer_bytes = 0  # what the file stores: computed constants stay near it
 
     def where(self, node: NodeProto) -> str:
         """'<file>: node '<name>' (<op>)', the start of a message about `node`."""
@@ -113,7 +115,14 @@ class ConstantFolder:
             GraphError: an initializer holds NaN or Inf.
         """
         for init in graph.initializer:
-            value = numpy_helper.to_array(init)
+            try:
+                value = numpy_helper.to_array(init)
+            except Exception as err:  # noqa: BLE001 - any failure on untrusted bytes is bad input
+                raise GraphError(
+                    f"{self.path}: initializer '{init.name}' cannot be read ({one_line(err)}); "
+                    "re-export the model"
+                ) from err
+            self.initializer_bytes += value.nbytes
             self.add(init.name, value, origin=f"initializer '{init.name}'")
             self.sources[init.name] = (init.name, False)
             self.roots[init.name] = frozenset({init.name})
@@ -145,6 +154,8 @@ class ConstantFolder:
         """
         if not is_foldable(node, self.values):
             return False
+        limit = folded_limit(self.initializer_bytes)  # issue 23: no constant out of nothing
+        check_fold_size(node, self.values, inferred, self.where(node), limit=limit)
         if node.op_type == "Constant":
             self._fold_constant_node(node)
         elif node.op_type == "CastLike":

@@ -104,6 +104,7 @@ from verifier.onnx.layout import (
     reduce_mean_ops,
     slice_ops,
 )
+from verifier.onnx.limits import check_sample_size
 from verifier.onnx.reading import (
     check_model,
     load_checked_model,
@@ -214,6 +215,7 @@ class GraphBuilder:
         self.index = NodeIndex(
             self.path, self.nodes, self.folder, self.inferred, input_value.name, output_name
         )
+        check_sample_size(input_value.shape, f"{self.path}: input '{input_value.name}'")
         self.values[input_value.name] = input_value
         self.shape_of[input_value.name] = input_value.shape
         for node in self.index.computed:
@@ -383,7 +385,9 @@ class GraphBuilder:
             raise self.fail(
                 node, f"cannot be applied to a sample of shape {shown} ({one_line(err)})"
             ) from err
-        return tuple(out.shape[1:])
+        shape = tuple(out.shape[1:])
+        check_sample_size(shape, self.where(node))  # issue 23: before anything allocates it
+        return shape
 
     def _check_inferred(self, node: NodeProto, tensor: str, value: TensorValue) -> None:
         info = self.inferred.get(tensor)

@@ -1,7 +1,8 @@
 """Reading an ONNX file into a checked, shape-inferred `onnx.ModelProto`.
 
-Every way an untrusted file can fail (missing, empty, truncated, not ONNX, missing external
-weights, rejected by `onnx.checker`, inconsistent shapes) becomes one `GraphError` that names
+Every way an untrusted file can fail (missing, empty, truncated, not ONNX, tensors too large or
+inconsistent with their bytes, missing or escaping external weights, rejected by
+`onnx.checker`, inconsistent shapes) becomes one `GraphError` that names
 the file and says what to do. `verifier.onnx.importer` and `verifier.onnx.prefix` start here.
 """
 
@@ -13,8 +14,10 @@ from typing import Any
 import onnx
 import onnx.inliner
 from onnx import NodeProto
+from onnx.external_data_helper import load_external_data_for_model
 
 from verifier.errors import GraphError
+from verifier.onnx.limits import check_tensor_storage
 
 
 def load_checked_model(path: Path) -> onnx.ModelProto:
@@ -57,7 +60,9 @@ def read_model(path: Path) -> onnx.ModelProto:
         The decoded model, external data loaded.
 
     Raises:
-        GraphError: the file is missing, not a file, empty, truncated or not ONNX.
+        GraphError: the file is missing, not a file, empty, truncated or not ONNX, or one of its
+            tensors breaks a limit of `verifier.onnx.limits` (too large, dims that disagree
+            with the bytes stored, external data outside the model's folder, missing or short).
     """
     if not path.exists():
         raise GraphError(f"{path}: no such file; check the model path")
@@ -66,19 +71,23 @@ def read_model(path: Path) -> onnx.ModelProto:
     if path.stat().st_size == 0:
         raise GraphError(f"{path}: the file is empty; re-export the model")
     try:
-        model = onnx.load(str(path))
-    except OSError as err:  # the model itself was readable, so this is its external data
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - protobuf decode errors vary by version
+        raise GraphError(
+            f"{path}: not a readable ONNX model ({type(err).__name__}: {one_line(err)}); "
+            "the file is truncated or not ONNX; re-export it"
+        ) from err
+    if not model.HasField("graph"):
+        raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
+    # sizes and external references are checked before any tensor data is read (issue 23)
+    check_tensor_storage(model, path)
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as err:  # noqa: BLE001 - OSError, onnx's ValidationError, ValueError
         raise GraphError(
             f"{path}: cannot read the model's external data ({one_line(err)}); keep the "
             "weight files next to the model"
         ) from err
-    except Exception as err:  # noqa: BLE001 - protobuf decode errors vary by version
-        raise GraphError(
-            f"{path}: not a readable ONNX model ({type(err).__name__}: {one_line(err)}); "
-            "the file is truncated, not ONNX, or misses its external weight files; re-export it"
-        ) from err
-    if not model.HasField("graph"):
-        raise GraphError(f"{path}: the file holds no ONNX graph; it is not an ONNX model")
     return model
 
 

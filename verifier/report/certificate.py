@@ -2,7 +2,13 @@
 
 `build_certificate` turns what a run produced into the document; `task_entry` and `lid_entry`
 are the parts that `verifier verify` recomputes from the artifacts and compares field by field.
-The layout is pinned by `certificate.schema.json` beside this module (schema version 2).
+The layout is pinned by `certificate.schema.json` beside this module (schema version 3).
+
+An output folder is relocatable (issue 23): from version 3 on, every path the certificate
+records (the model, the LID, the working directory, the paths in the normalised spec) is
+relative to the certificate's own folder, so the recorded spec reads like a spec file saved
+there, and `spec_sha256` is the hash of that recorded spec. Version 2 recorded absolute paths;
+`resolve_recorded` reads both.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from verifier.spec import DataSection, Spec, spec_hash
 if TYPE_CHECKING:
     from verifier.pipeline import PreparedTask
 
-SCHEMA_VERSION: Final = "2"
+SCHEMA_VERSION: Final = "3"
+READABLE_SCHEMA_VERSIONS: Final = ("2", "3")
+"""Versions `verifier verify` and `verifier report` read (2: paths absolute; 3: relative)."""
 SCHEMA_RESOURCE: Final = "certificate.schema.json"
 
 STATEMENT: Final = (
@@ -102,6 +110,59 @@ def schema_errors(document: Any, *, definition: str | None = None) -> list[str]:
     return [f"at {_json_path(list(e.absolute_path))}: {e.message}" for e in errors]
 
 
+def relative_path(path: str | Path, folder: Path) -> str:
+    """`path` relative to `folder` (POSIX separators), as certificates record paths.
+
+    A relative `path` is kept as given; one on another drive (Windows) stays absolute.
+    """
+    target = Path(path)
+    if not target.is_absolute():
+        return target.as_posix()
+    try:
+        return Path(os.path.relpath(target, folder.resolve())).as_posix()
+    except ValueError:
+        return str(target)
+
+
+def resolve_recorded(recorded: str, folder: Path) -> Path:
+    """A path recorded in a certificate, resolved against the certificate's folder (absolute
+    paths, as schema version 2 recorded them, stay as they are)."""
+    return folder / recorded
+
+
+def _portable_data(data: DataSection | None, folder: Path) -> DataSection | None:
+    if data is None:
+        return None
+    updates: dict[str, Any] = {}
+    if data.name.endswith(".npz"):
+        updates["name"] = relative_path(data.name, folder)
+    if data.data_dir is not None:
+        updates["data_dir"] = relative_path(data.data_dir, folder)
+    return data.model_copy(update=updates) if updates else data
+
+
+def portable_spec(spec: Spec, folder: Path) -> Spec:
+    """The spec with its paths relative to `folder`: the spec as a file saved there would read.
+
+    The inverse of `verifier.spec.resolve_paths`: `resolve_paths(portable_spec(s, f), f)`
+    names the same files as `s` (whose paths are absolute, as `load_spec` makes them).
+    """
+    tasks = tuple(t.model_copy(update={"data": _portable_data(t.data, folder)}) for t in spec.tasks)
+    importance = spec.search.importance
+    importance = importance.model_copy(
+        update={"lookahead": _portable_data(importance.lookahead, folder)}
+    )
+    return spec.model_copy(
+        update={
+            "model": relative_path(spec.model, folder),
+            "data": _portable_data(spec.data, folder),
+            "tasks": tasks,
+            "outer_box": None if spec.outer_box is None else relative_path(spec.outer_box, folder),
+            "search": spec.search.model_copy(update={"importance": importance}),
+        }
+    )
+
+
 def software_extras() -> dict[str, str]:
     """Versions of numpy and scipy (scipy computes the Clopper-Pearson bound)."""
     from importlib.metadata import version
@@ -118,13 +179,13 @@ def lid_entry(domain: Box | Zonotope, lid_path: Path, content_sha256: str) -> di
 
     Args:
         domain: the LID as saved (a `Box` or a `Zonotope`).
-        lid_path: where it was saved.
+        lid_path: where it was saved (recorded by file name: the certificate lies beside it).
         content_sha256: the content hash stored in the LID file's metadata.
     """
     widths = width_summary(domain)
     entry: dict[str, Any] = {
         "file": lid_path.name,
-        "path": str(lid_path),
+        "path": lid_path.name,
         "sha256": file_sha256(lid_path),
         "content_sha256": content_sha256,
         "domain": "zonotope" if isinstance(domain, Zonotope) else "box",
@@ -258,10 +319,11 @@ def build_certificate(
     command: str,
     software: Mapping[str, str],
 ) -> dict[str, Any]:
-    """The certificate document (schema version 2) of a run whose LID is saved at lid_path.
+    """The certificate document (schema version 3) of a run whose LID is saved at lid_path.
 
     The history (history.jsonl) and, when present and matching, crosscheck.json are read from
-    the LID's folder.
+    the LID's folder. Paths are recorded relative to that folder (`portable_spec`), and
+    `spec_sha256` is the hash of the spec so recorded.
 
     Args:
         spec: the normalised spec.
@@ -280,6 +342,7 @@ def build_certificate(
         The JSON-able document.
     """
     out_dir = lid_path.parent
+    recorded_spec = portable_spec(spec, out_dir)
     holds = all(c.holds for c in certificates)
     lid = lid_entry(box, lid_path, lid_content_sha256(lid_path))
     crosscheck, _ = crosscheck_entry(out_dir, model_sha256=model_sha, lid_sha256=lid["sha256"])
@@ -290,11 +353,11 @@ def build_certificate(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "software": {**software, **software_extras()},
         "command": command,
-        "working_directory": os.getcwd(),
-        "model": {"path": str(model_path), "sha256": model_sha},
+        "working_directory": relative_path(Path.cwd(), out_dir),
+        "model": {"path": relative_path(model_path.resolve(), out_dir), "sha256": model_sha},
         "lid": lid,
-        "spec": spec.model_dump(mode="json"),
-        "spec_sha256": spec_hash(spec),
+        "spec": recorded_spec.model_dump(mode="json"),
+        "spec_sha256": spec_hash(recorded_spec),
         "proof": {
             "method": spec.certify.method,
             "bound_kind": spec.certify.bound,
@@ -305,8 +368,8 @@ def build_certificate(
         "statement": STATEMENT,
         "assumptions": list(ASSUMPTIONS),
         "tasks": [
-            task_entry(task, cert, task.section.data or spec.data)
-            for task, cert in zip(tasks, certificates, strict=True)
+            task_entry(task, cert, section.data or recorded_spec.data)
+            for task, cert, section in zip(tasks, certificates, recorded_spec.tasks, strict=True)
         ],
         "search": search_entry(result, out_dir / HISTORY_FILE, seconds),
         "crosscheck": crosscheck,

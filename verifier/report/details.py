@@ -161,8 +161,10 @@ def reproduce_section(doc: Mapping[str, Any], out_dir: Path) -> str:
         set(),
     )
     spec = escape(json.dumps(doc["spec"], indent=2))
+    where = str(doc["working_directory"])
+    relative = "" if Path(where).is_absolute() else " (relative to the report's folder)"
     return f"""<p>The run was produced by this command, in the folder
-<code>{escape(doc["working_directory"])}</code>:</p>
+<code>{escape(where)}</code>{relative}:</p>
 <pre>{escape(command)}</pre>
 <p>Recompute every number of this certificate from the model, the LID and the data, and check
 every fingerprint (exit code 0 when everything matches):</p>

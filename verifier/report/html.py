@@ -26,7 +26,7 @@ from verifier.report.artifacts import (
     load_history,
 )
 from verifier.report.certificate import (
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     CrosscheckStatus,
     attach_crosscheck,
     schema_errors,
@@ -149,10 +149,10 @@ def write_report(out_dir: Path, *, pdf: bool = False) -> ReportFiles:
         BackendError: pdf requested and Chromium is missing or fails.
     """
     doc = load_certificate(out_dir)
-    if doc.get("schema_version") != SCHEMA_VERSION:
+    if doc.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
         raise ArtifactError(
             f"{out_dir / CERTIFICATE_FILE}: schema version {doc.get('schema_version')!r}; "
-            f"this version reports on {SCHEMA_VERSION!r}"
+            f"this version reports on {' and '.join(map(repr, READABLE_SCHEMA_VERSIONS))}"
         )
     errors = schema_errors(doc)
     if errors:

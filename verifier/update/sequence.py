@@ -130,9 +130,8 @@ def _fixed_parameters_unchanged(
     certificate = path.parent / "certificate.json"
     try:
         document = json.loads(certificate.read_text())
-        model_path = Path(document["model"]["path"])
-        if not model_path.is_absolute():
-            model_path = Path(document.get("working_directory", ".")) / model_path
+        # relative to the certificate's folder (schema version 3); version 2 was absolute
+        model_path = certificate.parent / str(document["model"]["path"])
     except (OSError, ValueError, KeyError, TypeError):
         return False, f"cannot read the earlier model's path from {certificate}"
     if not model_path.is_file() or file_sha256(model_path) != metadata.get("model_sha256"):
