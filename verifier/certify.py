@@ -16,7 +16,7 @@ balanced accuracy of every θ' in T.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -269,16 +269,43 @@ def certify_task(
     Returns:
         The certificate; `holds` is lower_bound >= target.
     """
-    n, k = int(certified.numel()), int(certified.sum())
     labels = sorted({int(v) for v in y.tolist()})
-    per_class = []
+    class_n = {label: int((y == label).sum()) for label in labels}
+    class_k = {label: int(certified[y == label].sum()) for label in labels}
+    return certificate_from_counts(
+        class_n,
+        class_k,
+        task=task,
+        metric=metric,
+        target=target,
+        beta=beta,
+        bound_kind=bound_kind,
+        method=method,
+        n_nonfinite=n_nonfinite,
+    )
+
+
+def certificate_from_counts(
+    class_n: Mapping[int, int],
+    class_k: Mapping[int, int],
+    *,
+    task: str,
+    metric: Metric,
+    target: float,
+    beta: float,
+    bound_kind: BoundKind,
+    method: str,
+    n_nonfinite: int = 0,
+) -> TaskCertificate:
+    """`certify_task` from per-class counts (n_c, k_c) instead of a mask and labels: the
+    same numbers, since it uses nothing else (streaming certification keeps only counts)."""
+    n, k = sum(class_n.values()), sum(class_k.values())
+    labels = sorted(class_n)
     class_beta = beta / max(len(labels), 1)
-    for label in labels:
-        sel = y == label
-        nc, kc = int(sel.sum()), int(certified[sel].sum())
-        per_class.append(
-            ClassCount(label, nc, kc, proportion_lower(kc, nc, class_beta, bound_kind))
-        )
+    per_class = []
+    for c in labels:
+        lower = proportion_lower(class_k[c], class_n[c], class_beta, bound_kind)
+        per_class.append(ClassCount(c, class_n[c], class_k[c], lower))
     if metric == "accuracy":
         lower = proportion_lower(k, n, beta, bound_kind)
     else:

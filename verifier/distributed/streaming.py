@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,9 @@ from torch import Tensor
 from verifier.certify import (
     BoundKind,
     CertMethod,
-    ClassCount,
     Metric,
-    TaskCertificate,
+    certificate_from_counts,
     certify_samples,
-    proportion_lower,
 )
 from verifier.data.stream import SampleStream, open_stream, stream_sha256
 from verifier.distributed.certification import RayCertifier, certify_chunk
@@ -62,47 +60,6 @@ class StreamCounts:
     class_n: dict[int, int]
     class_k: dict[int, int]
     x_digest: Any
-
-
-def certificate_from_counts(
-    class_n: Mapping[int, int],
-    class_k: Mapping[int, int],
-    *,
-    task: str,
-    metric: Metric,
-    target: float,
-    beta: float,
-    bound_kind: BoundKind,
-    method: str,
-    n_nonfinite: int = 0,
-) -> TaskCertificate:
-    """`verifier.certify.certify_task` from per-class counts instead of a mask and labels
-    (the same numbers: it uses nothing else)."""
-    n, k = sum(class_n.values()), sum(class_k.values())
-    labels = sorted(class_n)
-    class_beta = beta / max(len(labels), 1)
-    per_class = []
-    for c in labels:
-        lower = proportion_lower(class_k[c], class_n[c], class_beta, bound_kind)
-        per_class.append(ClassCount(c, class_n[c], class_k[c], lower))
-    if metric == "accuracy":
-        lower = proportion_lower(k, n, beta, bound_kind)
-    else:
-        lower = sum(c.lower_bound for c in per_class) / max(len(per_class), 1)
-    return TaskCertificate(
-        task=task,
-        metric=metric,
-        target=target,
-        n=n,
-        k=k,
-        beta=beta,
-        bound_kind=bound_kind,
-        lower_bound=lower,
-        holds=lower >= target,
-        method=method,
-        n_nonfinite=n_nonfinite,
-        per_class=per_class,
-    )
 
 
 def _shaped(stream: SampleStream, graph: Graph) -> tuple[int, ...]:
