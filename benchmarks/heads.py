@@ -30,7 +30,17 @@ Experiments:
   negative vs rest; Task 1 English; Task 2 each other language (fine-tune: train, evaluate:
   test); Hindi is skipped: the encoder does not cover it.
 
-Run:  .venv/bin/python benchmarks/heads.py --experiment toxicity|sentiment
+* synthetic (tests, and offline without the encoders): Gaussian clusters written as .npz files
+  with a nearest-centroid head into --work-dir; no encoder, no cache.
+
+The runs are two stages of jobs: the LIDs (Task 1 and one look-ahead LID per Task 2), then the
+fine-tunings (one per Task 2 and method). They run in this process, on `--workers` forked
+processes, or as Ray tasks (`--ray local|auto|HOST:PORT`, `ray_grid`), with identical results
+(one torch thread per job everywhere). On Ray the jobs read the spec's model, data and
+embedding cache, and the LIDs write into --work-dir, on the node that runs them: a multi-node
+cluster needs those paths on every node (a shared file system); `local` needs nothing more.
+
+Run:  .venv/bin/python benchmarks/heads.py --experiment toxicity|sentiment [--ray local]
 Data and cache folders as everywhere (env LID_DATA_DIR, LID_CACHE_DIR). Embeddings missing from
 the cache are computed once (minutes per corpus on a CPU; the specs then read them). The Markdown
 tables go to --out (default benchmarks/heads_results.md, one section per experiment, written
@@ -41,15 +51,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -71,9 +84,15 @@ from verifier.domains.box import Box
 from verifier.errors import InputError
 from verifier.files import write_text_atomic
 from verifier.graph import Graph
+from verifier.onnx.export import linear_head_model
 from verifier.pipeline import LidRun, prepare_task, run_lid
 from verifier.search import SearchStep
 from verifier.spec import DataSection, ImportanceSection, Spec, load_spec
+
+try:  # run as a script: its folder, benchmarks/, is first on sys.path
+    import ray_grid
+except ModuleNotFoundError:  # loaded from its file (the tests): the project root is on sys.path
+    from benchmarks import ray_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "heads_results.md"
@@ -113,7 +132,7 @@ class Experiment:
     name: str
     title: str
     spec: Path
-    encoder: str
+    encoder: str | None  # None: the parts are .npz files (`source`: the path)
     task1_train: Part
     tasks: tuple[Task2, ...]
     notes: tuple[str, ...] = ()
@@ -229,8 +248,14 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def part_features(part: Part, encoder: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached encoder features of a part (computed once into the cache if missing)."""
+def part_features(part: Part, encoder: Encoder | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached encoder features of a part (computed once into the cache if missing), or with no
+    encoder the arrays x_<split> / y_<split> of the .npz file `part.source`."""
+    if encoder is None:
+        with np.load(part.source) as arrays:
+            x = torch.from_numpy(np.asarray(arrays[f"x_{part.split}"], dtype=np.float32))
+            y = torch.from_numpy(np.asarray(arrays[f"y_{part.split}"], dtype=np.int64))
+        return _side(part, x, y)
     source = load_source(part.source, part.split)
 
     def progress(done: int, total: int) -> None:
@@ -241,6 +266,10 @@ def part_features(part: Part, encoder: Encoder) -> tuple[torch.Tensor, torch.Ten
         log(f"\nembedded {part.source} [{part.split}] -> {path}")
     x_np, y_np, _ = read_cache(path, source.source_sha256, encoder.identity())
     x, y = torch.from_numpy(np.asarray(x_np, dtype=np.float32)), torch.from_numpy(y_np)
+    return _side(part, x, y)
+
+
+def _side(part: Part, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if part.side == "all":
         return x, y
     first, second = stratified_split(
@@ -308,16 +337,19 @@ def write_lookahead_data(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def check_covered(
-    graph: Graph, lid: LidInfo, run: HeadFineTune, x: torch.Tensor, y: torch.Tensor
-) -> None:
-    """The certificate applies to the fine-tuned head: it lies in the LID (float64), and every
-    held-out sample the LID certifies is classified right by it."""
-    if run.inside_lid is not True or not lid.box.contains(run.theta):
-        raise SystemExit("error: projected fine-tuning left the LID (a bug); stopping")
-    mask, _ = certify_samples(graph, lid.box, x, y, method="ibp")
+    graph: Graph, box: Box, run: HeadFineTune, x: torch.Tensor, y: torch.Tensor
+) -> str | None:
+    """Whether the certificate applies to the fine-tuned head: it lies in the LID (float64), and
+    every held-out sample the LID certifies is classified right by it. Returns what is wrong
+    (a bug), or None; the caller stops the run (a job returns it rather than raise, which Ray
+    would retry)."""
+    if run.inside_lid is not True or not box.contains(run.theta):
+        return "projected fine-tuning left the LID (a bug)"
+    mask, _ = certify_samples(graph, box, x, y, method="ibp")
     wrong = mask & (predict(graph, x, run.theta) != y)
     if bool(wrong.any()):
-        raise SystemExit(f"error: {int(wrong.sum())} certified samples misclassified (a bug)")
+        return f"{int(wrong.sum())} certified samples misclassified (a bug)"
+    return None
 
 
 Samples = tuple[torch.Tensor, torch.Tensor]
@@ -335,18 +367,116 @@ def scores(
     return t1, t2
 
 
-def run_experiment(experiment: Experiment, args: argparse.Namespace) -> Outcome:
+Arrays = tuple[np.ndarray, np.ndarray]
+Stage = Callable[[Callable[..., Any], tuple[Any, ...], list[Any]], list[Any]]
+"""Runs `[function(*shared, item) for item in items]` somewhere (`stage_runner`)."""
+
+
+def _arrays(x: torch.Tensor, y: torch.Tensor) -> Arrays:
+    return x.numpy(), y.numpy()
+
+
+def _tensors(arrays: Arrays) -> Samples:
+    """Tensors of a job's arrays (copied: Ray's buffers are read-only)."""
+    return torch.from_numpy(np.array(arrays[0])), torch.from_numpy(np.array(arrays[1]))
+
+
+def lid_job(item: tuple[str, Spec, str]) -> dict[str, Any]:
+    """Stage 1, one job: the LID of a spec (label, spec, output folder) on one torch thread;
+    the fields of its `LidInfo`."""
+    torch.set_num_threads(1)
+    label, spec, out_dir = item
+    _, info = compute_lid(spec, Path(out_dir), label)
+    return dict(vars(info))
+
+
+def finetune_job(
+    graph: Graph,
+    config: FineTuneConfig,
+    seed: int,
+    task1: Arrays,
+    task2: dict[str, tuple[Arrays, dict[str, Arrays]]],
+    item: tuple[str, Box | None, EwcAnchor | None],
+) -> dict[str, Any]:
+    """Stage 2, one job: fine-tune the head on a Task 2 (name, LID box or None, EWC anchor or
+    None) on one torch thread; its scores, seconds and `check_covered`'s finding."""
+    torch.set_num_threads(1)
+    name, box, ewc = item
+    begun = time.time()
+    x_cert, y_cert = _tensors(task1)
+    finetune, evals = task2[name]
+    x2, y2 = _tensors(finetune)
+    run = finetune_head(
+        graph,
+        x2,
+        y2,
+        config=config,
+        generator=torch.Generator().manual_seed(seed),
+        lid=box,
+        ewc=ewc,
+    )
+    problem = None if box is None else check_covered(graph, box, run, x_cert, y_cert)
+    t1, t2 = scores(graph, run.theta, (x_cert, y_cert), {n: _tensors(v) for n, v in evals.items()})
+    return {"task1": t1, "task2": t2, "seconds": time.time() - begun, "problem": problem}
+
+
+def in_process(function: Callable[..., Any], shared: tuple[Any, ...], items: list[Any]) -> list:
+    """A stage in this process."""
+    return [function(*shared, item) for item in items]
+
+
+def on_pool(workers: int) -> Stage:
+    """A stage on `workers` forked processes, results in item order."""
+
+    def run(function: Callable[..., Any], shared: tuple[Any, ...], items: list[Any]) -> list:
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            return list(pool.map(partial(function, *shared), items))
+
+    return run
+
+
+def on_ray(function: Callable[..., Any], shared: tuple[Any, ...], items: list[Any]) -> list:
+    """A stage as Ray tasks (inside `ray_grid.ray_grid`)."""
+    return ray_grid.map_stage(function, shared, items)
+
+
+def run_experiment(
+    experiment: Experiment, args: argparse.Namespace, stage: Stage = in_process
+) -> Outcome:
+    """Stage 1: the Task-1 LID and one look-ahead LID per Task 2; stage 2: every fine-tuning.
+    Each stage runs as `stage` says; the data are read (and embedded if missing) here."""
     started = time.time()
     work = args.work_dir / experiment.name
     spec = load_spec(experiment.spec)
     graph = verifier.load_model(spec.model)
-    encoder = load_encoder(experiment.encoder)
+    encoder = None if experiment.encoder is None else load_encoder(experiment.encoder)
     config = FineTuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
 
-    log(f"[{experiment.name}] Task-1 LID from {experiment.spec.relative_to(ROOT)}")
+    log(f"[{experiment.name}] Task-1 LID from {_shown(experiment.spec)}")
     prepared = prepare_task(spec, spec.tasks[0], graph)
     x_cert, y_cert = prepared.x_cert.reshape(len(prepared.y_cert), -1), prepared.y_cert
-    _, base = compute_lid(spec, work / "lid", "Task 1")
+    tasks = [t for t in experiment.tasks if not args.only or t.name in args.only]
+    task2: dict[str, tuple[Arrays, dict[str, Arrays]]] = {}
+    lids = [("Task 1", spec, str(work / "lid"))]
+    for task in tasks:
+        x2, y2 = part_features(task.finetune, encoder)
+        evals = {name: _arrays(*part_features(part, encoder)) for name, part in task.evals}
+        task2[task.name] = (_arrays(x2, y2), evals)
+        slug = task.name.replace(" ", "_")
+        if task.finetune.side == "all":  # the cached split itself, as the specs/ files name it
+            name = task.finetune.source
+            if experiment.encoder is not None:
+                name = f"{name}@{experiment.encoder}"
+            ahead = DataSection(name=name, split=task.finetune.split)
+        else:  # one side of a seeded split: handed over as an .npz file
+            data_path = work / f"lookahead-{slug}.npz"
+            write_lookahead_data(data_path, x2, y2)
+            ahead = DataSection(name=str(data_path), split="train")
+        la_spec = lookahead_spec(spec, ahead, args.lookahead_kind, args.lookahead_fraction)
+        lids.append(("look-ahead", la_spec, str(work / f"lid-lookahead-{slug}")))
+    log(f"[{experiment.name}] {len(lids)} LIDs (Task 1 and the look-ahead ones)")
+    base, *ahead_lids = [LidInfo(**found) for found in stage(lid_job, (), lids)]
     if not base.holds:
         raise SystemExit(f"error: the Task-1 LID of {experiment.spec} does not hold")
     start_task1 = balanced_accuracy(y_cert, predict(graph, x_cert))
@@ -360,71 +490,125 @@ def run_experiment(experiment: Experiment, args: argparse.Namespace) -> Outcome:
         int(y_cert.numel()),
         base,
     )
+    outcome.lookahead = {task.name: la for task, la in zip(tasks, ahead_lids, strict=True)}
 
     x1, y1 = part_features(experiment.task1_train, encoder)
-    anchors: dict[float, EwcAnchor] = {}
     fisher = ewc_anchor(graph, x1, y1, strength=1.0)
-    for strength in args.ewc_strength:
-        anchors[strength] = EwcAnchor(fisher.fisher, fisher.theta, strength)
-
-    for task in experiment.tasks:
-        if args.only and task.name not in args.only:
-            continue
-        log(f"[{experiment.name}] Task 2: {task.name}")
-        x2, y2 = part_features(task.finetune, encoder)
-        evals = {name: part_features(part, encoder) for name, part in task.evals}
-
+    anchors = {s: EwcAnchor(fisher.fisher, fisher.theta, s) for s in args.ewc_strength}
+    methods: list[tuple[Task2, str, LidInfo | None, EwcAnchor | None]] = []
+    for task in tasks:
+        methods.append((task, "plain fine-tuning", None, None))
+        methods += [(task, f"EWC λ={s:g}", None, a) for s, a in anchors.items()]
+        methods.append((task, "LID (projected)", base, None))
+        la_label = f"LID + look-ahead ({args.lookahead_kind}, q={args.lookahead_fraction:g})"
+        methods.append((task, la_label, outcome.lookahead[task.name], None))
+    log(f"[{experiment.name}] {len(methods)} fine-tunings")
+    items = [(t.name, None if lid is None else lid.box, ewc) for t, _, lid, ewc in methods]
+    shared = (graph, config, args.seed, _arrays(x_cert, y_cert), task2)
+    found = stage(finetune_job, shared, items)
+    for task in tasks:
+        evals = {n: _tensors(v) for n, v in task2[task.name][1].items()}
         t1, t2 = scores(graph, None, (x_cert, y_cert), evals)
         outcome.rows.append(Row(task.name, "Task-1 head (start)", t1, t2, base.lower_bound))
-
-        slug = task.name.replace(" ", "_")
-        if task.finetune.side == "all":  # the cached split itself, as the specs/ files name it
-            ahead = DataSection(
-                name=f"{task.finetune.source}@{experiment.encoder}", split=task.finetune.split
-            )
-        else:  # one side of a seeded split: handed over as an .npz file
-            data_path = work / f"lookahead-{slug}.npz"
-            write_lookahead_data(data_path, x2, y2)
-            ahead = DataSection(name=str(data_path), split="train")
-        la_spec = lookahead_spec(spec, ahead, args.lookahead_kind, args.lookahead_fraction)
-        _, la = compute_lid(la_spec, work / f"lid-lookahead-{slug}", "look-ahead")
-        outcome.lookahead[task.name] = la
-
-        methods: list[tuple[str, dict[str, object]]] = [("plain fine-tuning", {})]
-        methods += [(f"EWC λ={s:g}", {"ewc": a}) for s, a in anchors.items()]
-        methods.append(("LID (projected)", {"lid": base}))
-        la_label = f"LID + look-ahead ({args.lookahead_kind}, q={args.lookahead_fraction:g})"
-        methods.append((la_label, {"lid": la}))
-        for label, how in methods:
-            begun = time.time()
-            lid = how.get("lid")
-            assert lid is None or isinstance(lid, LidInfo)
-            ewc = how.get("ewc")
-            assert ewc is None or isinstance(ewc, EwcAnchor)
-            run = finetune_head(
-                graph,
-                x2,
-                y2,
-                config=config,
-                generator=torch.Generator().manual_seed(args.seed),
-                lid=None if lid is None else lid.box,
-                ewc=ewc,
-            )
-            if lid is not None:
-                check_covered(graph, lid, run, x_cert, y_cert)
-            t1, t2 = scores(graph, run.theta, (x_cert, y_cert), evals)
-            row = Row(task.name, label, t1, t2, seconds=time.time() - begun)
+        for (done, label, lid, _), result in zip(methods, found, strict=True):
+            if done is not task:
+                continue
+            if result["problem"] is not None:
+                raise SystemExit(f"error: {task.name}, {label}: {result['problem']}; stopping")
+            row = Row(task.name, label, result["task1"], result["task2"], seconds=result["seconds"])
             if lid is not None:
                 row.certified, row.lid_width = lid.lower_bound, lid.mean_width
                 row.lid_holds = lid.holds
             outcome.rows.append(row)
             log(
-                f"  {label}: Task-1 {t1:.4f}, Task-2 "
-                + ", ".join(f"{n} {v:.4f}" for n, v in t2.items())
+                f"  {task.name}, {label}: Task-1 {row.task1:.4f}, Task-2 "
+                + ", ".join(f"{n} {v:.4f}" for n, v in row.task2.items())
                 + (f", certified {lid.lower_bound:.4f}" if lid is not None else "")
             )
     outcome.seconds = time.time() - started
     return outcome
+
+
+def synthetic_experiment(folder: Path, *, dim: int = 8, seed: int = 0) -> Experiment:
+    """A small experiment on Gaussian clusters (tests; offline without encoders): Task 1
+    two-way on .npz features with a nearest-centroid head (ONNX), its spec, and two Task 2s,
+    one of them split from a test-only file; everything is written into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = np.random.default_rng(seed)
+
+    def clusters(centres: np.ndarray, n: int) -> Arrays:
+        y = np.repeat(np.arange(2), n)
+        x = centres[y] + 0.6 * gen.normal(size=(len(y), dim))
+        order = gen.permutation(len(y))
+        return x[order].astype(np.float32), y[order].astype(np.int64)
+
+    task1 = gen.normal(size=(2, dim)) * 1.5
+    shifted = task1 + gen.normal(size=(2, dim)) * 0.8  # Task 2: the classes move
+    paths = {name: folder / f"{name}.npz" for name in ("task1", "shift", "checklist")}
+    x1, y1 = clusters(task1, 200)
+    x1t, y1t = clusters(task1, 250)
+    np.savez(paths["task1"], x_train=x1, y_train=y1, x_test=x1t, y_test=y1t)
+    x2, y2 = clusters(shifted, 150)
+    x2t, y2t = clusters(shifted, 100)
+    np.savez(paths["shift"], x_train=x2, y_train=y2, x_test=x2t, y_test=y2t)
+    x3, y3 = clusters(shifted[::-1], 120)
+    np.savez(paths["checklist"], x_test=x3, y_test=y3)
+    centres = np.stack([x1[y1 == c].mean(0) for c in range(2)])
+    weight, bias = centres, -0.5 * (centres**2).sum(1)
+    import onnx
+
+    onnx.save(
+        linear_head_model(weight, bias, prefix="fc", name="synthetic_head"), folder / "head.onnx"
+    )
+    spec_path = folder / "synthetic.yaml"
+    spec_path.write_text(
+        f"""model: {folder / "head.onnx"}
+data:
+  name: {paths["task1"]}
+  split: test
+parameters: all
+tasks:
+  - name: clusters
+    metric: balanced_accuracy
+    target: acc - 0.1
+search:
+  iterations: 20
+  batch_size: 100
+  checkpoint_every: 5
+  target_slack: 0.05
+  importance:
+    n_samples: 64
+certify:
+  certification_fraction: 0.6
+  beta: 0.001
+""",
+        encoding="utf-8",
+    )
+    shift, checklist = str(paths["shift"]), str(paths["checklist"])
+    return Experiment(
+        "synthetic",
+        "synthetic clusters (no encoder)",
+        spec_path,
+        None,
+        Part(str(paths["task1"]), "train"),
+        (
+            Task2("shift", Part(shift, "train"), (("shift test", Part(shift, "test")),)),
+            Task2(
+                "checklist",
+                Part(checklist, "test", "finetune"),
+                (("checklist eval half", Part(checklist, "test", "eval")),),
+            ),
+        ),
+        ("Gaussian clusters in 8 dimensions; Task 2 moves them.",),
+    )
+
+
+def _shown(path: Path | str) -> str:
+    """A path relative to the project root when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -441,14 +625,14 @@ def markdown(outcome: Outcome, args: argparse.Namespace, command: str) -> str:
         f"{outcome.seconds / 60:.1f} min ({platform.python_version()}, torch {torch.__version__}).",
         "",
         f"* Task 1: `{spec.data.name}` [{spec.data.split}], head "
-        f"`{Path(spec.model).relative_to(ROOT)}` ({base.box.n_parameters()} parameters, all "
+        f"`{_shown(spec.model)}` ({base.box.n_parameters()} parameters, all "
         f"boxed). The spec holds out {spec.certify.certification_fraction:.0%} of the Task-1 "
         f"data ({outcome.n_cert} samples) for the certificate; every Task-1 figure below is "
         "measured on that held-out part, which no search and no fine-tuning sees.",
         f"* Start: Task-1 balanced accuracy {outcome.start_task1:.4f} held out "
         f"({outcome.clean_opt:.4f} on the optimisation part); τ = {outcome.target:.4f} "
         f"(spec target `{spec.tasks[0].target}`).",
-        f"* Task-1 LID (`{e.spec.relative_to(ROOT)}`): mean width {base.mean_width:.4g}; "
+        f"* Task-1 LID (`{_shown(e.spec)}`): mean width {base.mean_width:.4g}; "
         f"held-out certificate {base.k}/{base.n} samples certified, Clopper-Pearson "
         f"balanced-accuracy lower bound {base.lower_bound:.4f} at β = {spec.certify.beta:g} "
         f"({'holds' if base.holds else 'NOT MET'}); search {base.seconds:.0f} s.",
@@ -557,7 +741,7 @@ def write_section(path: Path, name: str, text: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--experiment", choices=sorted(EXPERIMENTS), required=True)
+    parser.add_argument("--experiment", choices=[*sorted(EXPERIMENTS), "synthetic"], required=True)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work-dir", type=Path, default=None, help="LIDs and look-ahead data")
     parser.add_argument("--epochs", type=int, default=10)
@@ -569,6 +753,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lookahead-fraction", type=float, default=0.9)
     parser.add_argument("--only", nargs="*", default=None, help="Task-2 names to run")
     parser.add_argument("--machine", default=f"{os.cpu_count()}-core CPU shared with other jobs")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="forked processes per stage (0: this process)"
+    )
+    parser.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="run the LIDs and fine-tunings as Ray tasks: 'local' starts a Ray instance for the "
+        "run, 'auto' or HOST:PORT joins a running cluster (same results as in this process)",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or not args.lr > 0:
         parser.error("--epochs and --batch-size must be >= 1 and --lr > 0")
@@ -585,11 +778,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)
     args.load_at_start = os.getloadavg()[0]
-    experiment = EXPERIMENTS[args.experiment]
+    if args.experiment == "synthetic":
+        experiment = synthetic_experiment(args.work_dir / "synthetic-data")
+    else:
+        experiment = EXPERIMENTS[args.experiment]
     command = "python benchmarks/heads.py " + " ".join(sys.argv[1:] if argv is None else argv)
     log(f"work folder: {args.work_dir}")
     try:
-        outcome = run_experiment(experiment, args)
+        if args.ray is not None:
+            with ray_grid.ray_grid(args.ray, log):
+                outcome = run_experiment(experiment, args, on_ray)
+        else:
+            stage = on_pool(args.workers) if args.workers > 0 else in_process
+            outcome = run_experiment(experiment, args, stage)
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ the subset's own pixels and labels, so another subset or encoder never reads a s
 Run:
   .venv/bin/python benchmarks/split_cifar.py embed [--per-class 0] [--split train|test]
   .venv/bin/python benchmarks/split_cifar.py [--quick] [--seeds 0 1 2] [--per-class 0]
+  .venv/bin/python benchmarks/split_cifar.py --quick --ray local|auto|HOST:PORT  # Ray tasks
   .venv/bin/python benchmarks/split_cifar.py sweep-ewc      # how EWC_STRENGTH was picked
   .venv/bin/python benchmarks/split_cifar.py export-head    # the head of the Task-1 spec
 Writes a Markdown table to stdout and to --out, plots to --plots, raw results to --raw.
@@ -69,13 +70,15 @@ from verifier.data.embeddings import (
     read_cache,
 )
 from verifier.data.samples import data_sha256
+from verifier.errors import InputError
 from verifier.files import write_text_atomic
 from verifier.onnx.export import linear_head_model
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report
+    import ray_grid
 except ModuleNotFoundError:  # loaded from its file (the tests): the project root is on sys.path
-    from benchmarks import cl_report
+    from benchmarks import cl_report, ray_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER = "efficientnet-lite0"
@@ -423,15 +426,15 @@ def make_strategy(settings: Settings, method: str, scenario: Scenario) -> Strate
 # ---- worker side ----------------------------------------------------------------------
 
 _FEATURES: dict[str, Features] = {}
+"""The features the forked pool workers inherit; the Ray jobs get theirs as an argument."""
 
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _tasks(settings: Settings, scenario: Scenario, seed: int) -> list:
+def _tasks(settings: Settings, scenario: Scenario, seed: int, features: Features) -> list:
     pairs = draw_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
-    features = _FEATURES["features"]
     return split_pairs(
         scenario,
         pairs,
@@ -443,40 +446,89 @@ def _tasks(settings: Settings, scenario: Scenario, seed: int) -> list:
     )
 
 
-def _model(seed: int) -> LinearHead:
-    return LinearHead(_FEATURES["features"].dim, torch.Generator().manual_seed(1000 + seed))
+def _model(seed: int, dim: int) -> LinearHead:
+    return LinearHead(dim, torch.Generator().manual_seed(1000 + seed))
 
 
 def _batches(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(2000 + seed)
 
 
-def first_job(settings: Settings, scenario: Scenario, seed: int) -> tuple[FirstTask, float]:
+def first_job(
+    settings: Settings, scenario: Scenario, seed: int, features: Features
+) -> tuple[FirstTask, float]:
     """Plain training on the first task, shared by every method whose first task is plain."""
     started = time.process_time()
-    tasks = _tasks(settings, scenario, seed)
-    first = train_first_task(_model(seed), tasks, settings.train, _batches(seed))
+    tasks = _tasks(settings, scenario, seed, features)
+    first = train_first_task(_model(seed, features.dim), tasks, settings.train, _batches(seed))
     return first, time.process_time() - started
 
 
 def method_job(
-    settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
+    settings: Settings,
+    scenario: Scenario,
+    seed: int,
+    method: str,
+    first: FirstTask | None,
+    features: Features,
 ) -> dict[str, Any]:
     """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs)."""
     learner = settings.lid_variants.get(method) or make_strategy(settings, method, scenario)
-    tasks = _tasks(settings, scenario, seed)
+    tasks = _tasks(settings, scenario, seed, features)
     return cl_report.job_record(
         scenario,
         seed,
         method,
         tasks,
-        _model(seed),
+        _model(seed, features.dim),
         _batches(seed),
         settings.train,
         learner,
         first,
         counts=True,
     )
+
+
+def pool_first_job(settings: Settings, scenario: Scenario, seed: int) -> tuple[FirstTask, float]:
+    """`first_job` in a forked pool worker, on the features it inherited."""
+    return first_job(settings, scenario, seed, _FEATURES["features"])
+
+
+def pool_method_job(
+    settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
+) -> dict[str, Any]:
+    """`method_job` in a forked pool worker, on the features it inherited."""
+    return method_job(settings, scenario, seed, method, first, _FEATURES["features"])
+
+
+FeatureArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Features as the Ray jobs receive them: x_train, y_train, x_test, y_test (already mixed)."""
+Job = tuple[Scenario, int, str | None, FirstTask | None]
+"""(scenario, seed, method, shared first task); method None: the shared first task itself."""
+
+
+def feature_arrays(features: Features) -> FeatureArrays:
+    """The features as numpy arrays (the object store keeps those without a copy)."""
+    return (
+        features.train[0].numpy(),
+        features.train[1].numpy(),
+        features.test[0].numpy(),
+        features.test[1].numpy(),
+    )
+
+
+def ray_job(
+    settings: Settings, arrays: FeatureArrays, job: Job
+) -> tuple[FirstTask, float] | dict[str, Any]:
+    """One job as a Ray task, on one torch thread as in a pool worker: `first_job` (method
+    None) or `method_job`, on the features from the object store (copied: read-only there)."""
+    torch.set_num_threads(1)
+    x_train, y_train, x_test, y_test = (torch.from_numpy(np.array(a)) for a in arrays)
+    features = Features((x_train, y_train), (x_test, y_test), "")
+    scenario, seed, method, first = job
+    if method is None:
+        return first_job(settings, scenario, seed, features)
+    return method_job(settings, scenario, seed, method, first, features)
 
 
 # ---- orchestration --------------------------------------------------------------------
@@ -507,20 +559,20 @@ def run_all(
     first_cpu = 0.0
     if workers == 0:
         for unit in units:
-            first, seconds = first_job(settings, *unit)
+            first, seconds = first_job(settings, *unit, features)
             first_cpu += seconds
             for method in methods:
                 if applies(method, unit[0]):
                     shared = first if shares_first_task(settings, method, unit[0]) else None
-                    report(method_job(settings, *unit, method, shared))
+                    report(method_job(settings, *unit, method, shared, features))
         return results, first_cpu
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(1,)
     ) as pool:
-        firsts = {u: pool.submit(first_job, settings, *u) for u in units}
+        firsts = {u: pool.submit(pool_first_job, settings, *u) for u in units}
         pending = [
-            pool.submit(method_job, settings, *u, m, None)
+            pool.submit(pool_method_job, settings, *u, m, None)
             for u in units
             for m in methods
             if applies(m, u[0]) and not shares_first_task(settings, m, u[0])
@@ -529,13 +581,63 @@ def run_all(
             first, seconds = future.result()
             first_cpu += seconds
             pending += [
-                pool.submit(method_job, settings, *unit, m, first)
+                pool.submit(pool_method_job, settings, *unit, m, first)
                 for m in methods
                 if applies(m, unit[0]) and shares_first_task(settings, m, unit[0])
             ]
         for future in pending:
             report(future.result())
     return results, first_cpu
+
+
+def run_on_ray(
+    settings: Settings, features: Features, address: str, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], float, int]:
+    """`run_all`'s jobs as Ray tasks in two stages (`ray_grid.map_stage`): the first tasks with
+    the methods that train their own first task, then the methods resuming from a first task.
+    The features go to the object store once per stage. Results come in the pool's order and
+    are identical to the pool's (one torch thread per job there and here).
+
+    Returns:
+        The per-job results, the CPU seconds of the shared first-task trainings, and the
+        cluster's CPUs.
+    """
+    methods = [*settings.lid_variants, *settings.baselines]
+    units = [(sc, seed) for sc in settings.scenarios for seed in settings.seeds]
+    arrays = feature_arrays(features)
+    first_stage: list[Job] = [(*u, None, None) for u in units]
+    first_stage += [
+        (*u, m, None)
+        for u in units
+        for m in methods
+        if applies(m, u[0]) and not shares_first_task(settings, m, u[0])
+    ]
+
+    def report(_: int, result: Any) -> None:
+        if isinstance(result, dict):
+            final = average_accuracy(torch.tensor(result["matrix"]))[-1]
+            log(
+                f"{result['scenario']:>6} seed {result['seed']} {result['method']:<15} "
+                f"final average accuracy {float(final):.3f}  ({result['seconds']:.0f}s)"
+            )
+
+    with ray_grid.ray_grid(address, log) as info:
+        found = ray_grid.map_stage(
+            ray_job, (settings, arrays), first_stage, modules=[cl_report], on_result=report
+        )
+        firsts = dict(zip(units, found[: len(units)], strict=True))
+        second_stage: list[Job] = [
+            (*unit, m, first)
+            for unit, (first, _) in firsts.items()
+            for m in methods
+            if applies(m, unit[0]) and shares_first_task(settings, m, unit[0])
+        ]
+        found += ray_grid.map_stage(
+            ray_job, (settings, arrays), second_stage, modules=[cl_report], on_result=report
+        )
+    results = [r for r in found if isinstance(r, dict)]
+    first_cpu = sum(seconds for _, seconds in firsts.values())
+    return results, first_cpu, int(info.cpus)
 
 
 def sweep_ewc(
@@ -552,10 +654,10 @@ def sweep_ewc(
     out: dict[str, dict[float, float]] = {}
     for scenario in settings.scenarios:
         out[scenario] = {}
-        first, _ = first_job(settings, scenario, seed)
+        first, _ = first_job(settings, scenario, seed, _FEATURES["features"])
         for strength in EWC_GRID:
             trial = replace(settings, ewc_strength={scenario: strength})
-            result = method_job(trial, scenario, seed, "EWC", first)
+            result = method_job(trial, scenario, seed, "EWC", first, _FEATURES["features"])
             final = float(average_accuracy(torch.tensor(result["matrix"]))[-1])
             out[scenario][strength] = final
             log(f"EWC sweep {scenario:>6} λ = {strength:g}: validation final average {final:.3f}")
@@ -813,9 +915,9 @@ def export_head_main(argv: Sequence[str]) -> int:
         baselines=(),
         per_class=args.per_class or None,
     )
-    _FEATURES["features"] = load_features(settings.per_class)
-    tasks = _tasks(settings, "class", args.seed)
-    model = _model(args.seed)
+    features = load_features(settings.per_class)
+    tasks = _tasks(settings, "class", args.seed, features)
+    model = _model(args.seed, features.dim)
     first = train_first_task(model, tasks, settings.train, _batches(args.seed))
     weight = first.parameters["fc.weight"].numpy()
     bias = first.parameters["fc.bias"].numpy()
@@ -870,6 +972,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process)")
     parser.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="run the jobs as Ray tasks instead of --workers: 'local' starts a Ray instance "
+        "for the run, 'auto' or HOST:PORT joins a running cluster (same results as the pool)",
+    )
+    parser.add_argument(
         "--search-data",
         choices=("test", "train"),
         default="test",
@@ -920,11 +1028,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         load_start = os.getloadavg()
         started = time.perf_counter()
-        results, first_cpu = run_all(settings, features, args.workers, log)
+        workers = args.workers
+        if args.ray is None:
+            results, first_cpu = run_all(settings, features, args.workers, log)
+        else:
+            try:
+                results, first_cpu, workers = run_on_ray(settings, features, args.ray, log)
+            except InputError as err:  # a bad --ray address, an unreachable cluster
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         saved = {
             "results": results,
             "wall_s": time.perf_counter() - started,
-            "workers": args.workers,
+            "workers": workers,
             "first_cpu_s": first_cpu,
             "features": features.description,
             "command": " ".join(argv),

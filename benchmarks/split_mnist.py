@@ -13,6 +13,9 @@ the same first-task training:
 * fine-tune, EWC, SI, LwF, A-GEM (memory 1,000), joint training (upper bound).
 
 Run:  .venv/bin/python benchmarks/split_mnist.py [--quick] [--workers 2] [--seeds 0 1 2]
+      .venv/bin/python benchmarks/split_mnist.py --quick --ray local|auto|HOST:PORT
+With --ray the jobs run as Ray tasks (`ray_grid`: two stages, the shared first tasks with the
+methods that train their own, then the other methods), the results identical to the pool's.
 Writes a Markdown table to stdout and to --out, plots to --plots, raw results to --raw.
 """
 
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
@@ -44,11 +48,13 @@ from verifier.cl.training import (
     train_first_task,
 )
 from verifier.data import load_dataset
+from verifier.errors import InputError
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report
+    import ray_grid
 except ModuleNotFoundError:  # loaded from its file (the tests): the project root is on sys.path
-    from benchmarks import cl_report
+    from benchmarks import cl_report, ray_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_LID = {"task": (0.98, 0.92), "domain": (0.68, 0.61), "class": (0.29, 0.24)}
@@ -206,7 +212,11 @@ def make_strategy(method: str, scenario: Scenario) -> Strategy:
 
 # ---- worker side ----------------------------------------------------------------------
 
-_MNIST: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+Mnist = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""MNIST by split: "train" and "test", each (x, y)."""
+
+_MNIST: Mnist = {}
+"""A pool worker's copy of MNIST (`_init_worker`); the Ray jobs get theirs as an argument."""
 
 
 def _init_worker(threads: int) -> None:
@@ -220,7 +230,7 @@ PAPER_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 """`--pairs paper`: the usual fixed Split-MNIST order, the same for every seed."""
 
 
-def _tasks(settings: Settings, scenario: Scenario, seed: int) -> list:
+def _tasks(settings: Settings, scenario: Scenario, seed: int, mnist: Mnist) -> list:
     if settings.pairs == "paper":
         pairs = list(PAPER_PAIRS[: settings.n_tasks])
     else:
@@ -228,8 +238,8 @@ def _tasks(settings: Settings, scenario: Scenario, seed: int) -> list:
     return split_mnist(
         scenario,
         pairs,
-        _MNIST["train"],
-        _MNIST["test"],
+        mnist["train"],
+        mnist["test"],
         train_limit=settings.train_limit,
         test_limit=settings.test_limit,
     )
@@ -243,24 +253,64 @@ def _batches(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(2000 + seed)
 
 
-def first_job(settings: Settings, scenario: Scenario, seed: int) -> tuple[FirstTask, float]:
+def first_job(
+    settings: Settings, scenario: Scenario, seed: int, mnist: Mnist
+) -> tuple[FirstTask, float]:
     """Plain training on the first task, shared by every method but SI."""
     started = time.process_time()
-    tasks = _tasks(settings, scenario, seed)
+    tasks = _tasks(settings, scenario, seed, mnist)
     first = train_first_task(_model(seed), tasks, settings.train, _batches(seed))
     return first, time.process_time() - started
 
 
 def method_job(
-    settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
+    settings: Settings,
+    scenario: Scenario,
+    seed: int,
+    method: str,
+    first: FirstTask | None,
+    mnist: Mnist,
 ) -> dict[str, Any]:
     """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs)."""
     learner = settings.lid_variants.get(method) or make_strategy(method, scenario)
     shared = None if isinstance(learner, SI) else first
-    tasks = _tasks(settings, scenario, seed)
+    tasks = _tasks(settings, scenario, seed, mnist)
     return cl_report.job_record(
         scenario, seed, method, tasks, _model(seed), _batches(seed), settings.train, learner, shared
     )
+
+
+def pool_first_job(settings: Settings, scenario: Scenario, seed: int) -> tuple[FirstTask, float]:
+    """`first_job` in a pool worker, on its copy of MNIST."""
+    return first_job(settings, scenario, seed, _MNIST)
+
+
+def pool_method_job(
+    settings: Settings, scenario: Scenario, seed: int, method: str, first: FirstTask | None
+) -> dict[str, Any]:
+    """`method_job` in a pool worker, on its copy of MNIST."""
+    return method_job(settings, scenario, seed, method, first, _MNIST)
+
+
+MnistArrays = dict[str, tuple[np.ndarray, np.ndarray]]
+Job = tuple[Scenario, int, str | None, FirstTask | None]
+"""(scenario, seed, method, shared first task); method None: the shared first task itself."""
+
+
+def ray_job(
+    settings: Settings, arrays: MnistArrays, job: Job
+) -> tuple[FirstTask, float] | dict[str, Any]:
+    """One job as a Ray task, on one torch thread as in a pool worker: `first_job` (method
+    None) or `method_job`, on MNIST from the object store (copied: its buffers are read-only)."""
+    torch.set_num_threads(1)
+    mnist = {
+        s: (torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))
+        for s, (x, y) in arrays.items()
+    }
+    scenario, seed, method, first = job
+    if method is None:
+        return first_job(settings, scenario, seed, mnist)
+    return method_job(settings, scenario, seed, method, first, mnist)
 
 
 # ---- orchestration --------------------------------------------------------------------
@@ -285,50 +335,106 @@ def run_all(
         for unit in units:
             first = None
             if unit in shared_units:
-                first, seconds = first_job(settings, *unit)
+                first, seconds = first_job(settings, *unit, _MNIST)
                 first_cpu += seconds
             for method in methods:
                 if applies(settings, method, unit[0]):
                     shared = first if shares_first_task(settings, method, unit[0]) else None
-                    results.append(method_job(settings, *unit, method, shared))
+                    results.append(method_job(settings, *unit, method, shared, _MNIST))
         return results, first_cpu
+    order = _shared_order(methods)
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(1,)) as pool:
         firsts = {
-            u: pool.submit(first_job, settings, u[0], u[1]) for u in units if u in shared_units
+            u: pool.submit(pool_first_job, settings, u[0], u[1]) for u in units if u in shared_units
         }
         # methods with their own first task start while the shared first tasks train
         pending = [
-            pool.submit(method_job, settings, *u, m, None)
+            pool.submit(pool_method_job, settings, *u, m, None)
             for m, u in own
             if not shares_first_task(settings, m, u[0])
         ]
-        order = sorted(
-            (m for m in methods if m != "SI"),
-            key=lambda m: (
-                ("A-GEM", "joint", "LwF", "EWC", "fine-tune").index(m)
-                if m in ("A-GEM", "joint", "LwF", "EWC", "fine-tune")
-                else 9
-            ),
-        )
         first_cpu = 0.0
         for unit, future in firsts.items():
             first, seconds = future.result()
             first_cpu += seconds
             log(f"first task {unit[0]} seed {unit[1]}: {seconds:.0f} CPU s")
             pending += [
-                pool.submit(method_job, settings, *unit, m, first)
+                pool.submit(pool_method_job, settings, *unit, m, first)
                 for m in order
                 if applies(settings, m, unit[0]) and shares_first_task(settings, m, unit[0])
             ]
         for future in pending:
-            result = future.result()
-            results.append(result)
-            final = average_accuracy(torch.tensor(result["matrix"]))[-1]
-            log(
-                f"{result['scenario']:>6} seed {result['seed']} {result['method']:<15} "
-                f"final average accuracy {float(final):.3f}  ({result['seconds']:.0f}s)"
-            )
+            results.append(future.result())
+            _log_result(results[-1], log)
     return results, first_cpu
+
+
+def _shared_order(methods: Sequence[str]) -> list[str]:
+    """The methods that may share a first task, slowest first (the pool's submission order)."""
+    slow = ("A-GEM", "joint", "LwF", "EWC", "fine-tune")
+    return sorted(
+        (m for m in methods if m != "SI"), key=lambda m: slow.index(m) if m in slow else 9
+    )
+
+
+def _log_result(result: dict[str, Any], log: Callable[[str], None]) -> None:
+    final = average_accuracy(torch.tensor(result["matrix"]))[-1]
+    log(
+        f"{result['scenario']:>6} seed {result['seed']} {result['method']:<15} "
+        f"final average accuracy {float(final):.3f}  ({result['seconds']:.0f}s)"
+    )
+
+
+def run_on_ray(
+    settings: Settings, address: str, log: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], float, int]:
+    """`run_all`'s jobs as Ray tasks in two stages (`ray_grid.map_stage`): the shared first
+    tasks with the methods that train their own first task, then the methods resuming from a
+    shared first task. MNIST goes to the object store once per stage. Results come in the
+    pool's order and are identical to the pool's (one torch thread per job there and here).
+
+    Returns:
+        The per-job results, the CPU seconds of the shared first-task trainings, and the
+        cluster's CPUs.
+    """
+    methods = [*settings.lid_variants, *settings.baselines]
+    units = [(sc, seed) for sc in settings.scenarios for seed in settings.seeds]
+    own = [(m, u) for u in units for m in methods if applies(settings, m, u[0])]
+    shared_units = [
+        u for u in units if any(v == u and shares_first_task(settings, m, u[0]) for m, v in own)
+    ]
+    arrays: MnistArrays = {}
+    for split in ("train", "test"):
+        data = load_dataset("mnist", split=split)
+        arrays[split] = (data.x.numpy(), data.y.numpy())
+    first_stage: list[Job] = [(*u, None, None) for u in shared_units]
+    first_stage += [(*u, m, None) for m, u in own if not shares_first_task(settings, m, u[0])]
+    order = _shared_order(methods)
+
+    def done(index: int, result: Any) -> None:
+        if isinstance(result, dict):
+            _log_result(result, log)
+        else:
+            unit = first_stage[index]
+            log(f"first task {unit[0]} seed {unit[1]}: {result[1]:.0f} CPU s")
+
+    with ray_grid.ray_grid(address, log) as info:
+        found = ray_grid.map_stage(
+            ray_job, (settings, arrays), first_stage, modules=[cl_report], on_result=done
+        )
+        firsts = dict(zip(shared_units, found[: len(shared_units)], strict=True))
+        second_stage: list[Job] = [
+            (*unit, m, first)
+            for unit, (first, _) in firsts.items()
+            for m in order
+            if applies(settings, m, unit[0]) and shares_first_task(settings, m, unit[0])
+        ]
+        found += ray_grid.map_stage(
+            ray_job, (settings, arrays), second_stage, modules=[cl_report], on_result=done
+        )
+    results = [r for r in found if isinstance(r, dict)]
+    first_cpu = sum(seconds for _, seconds in firsts.values())
+    return results, first_cpu, int(info.cpus)
 
 
 def _paper(method: str, scenario: str) -> str:
@@ -415,6 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=2, help="worker processes, 1 thread each (0: in-process)"
     )
+    parser.add_argument(
+        "--ray",
+        metavar="local|auto|ADDRESS",
+        help="run the jobs as Ray tasks instead of on --workers: 'local' starts a Ray instance "
+        "for the run, 'auto' or HOST:PORT joins a running cluster (same results as the pool)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "split_mnist_results.md")
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
     parser.add_argument(
@@ -457,11 +569,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         saved = json.loads(args.raw.read_text(encoding="utf-8"))
     else:
         started = time.perf_counter()
-        results, first_cpu = run_all(settings, args.workers, log)
+        workers = args.workers
+        if args.ray is None:
+            results, first_cpu = run_all(settings, args.workers, log)
+        else:
+            try:
+                results, first_cpu, workers = run_on_ray(settings, args.ray, log)
+            except InputError as err:  # a bad --ray address, an unreachable cluster
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         saved = {
             "results": results,
             "wall_s": time.perf_counter() - started,
-            "workers": args.workers,
+            "workers": workers,
             "first_cpu_s": first_cpu,
             "parts": [" ".join(sys.argv[1:] if argv is None else argv)],
         }

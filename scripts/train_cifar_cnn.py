@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
+from train_default import export_checked  # scripts/ is on sys.path when run
 
 from verifier.data import load_dataset
 from verifier.files import write_atomic
@@ -119,27 +117,8 @@ def train(x: Tensor, y: Tensor, *, epochs: int, seed: int, log: bool = True) -> 
 
 def export_onnx(model: CifarCNN, metadata: dict[str, str]) -> bytes:
     """The (folded) model as checked ONNX bytes (legacy exporter, opset 17, dynamic batch)."""
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        exported = Path(tmp) / "model.onnx"
-        torch.onnx.export(
-            model,
-            (torch.zeros(1, 3, 32, 32),),
-            exported,
-            dynamo=False,
-            opset_version=17,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-        )
-        proto = onnx.load(exported)
-    proto.doc_string = "lid-verifier issue 21: VGG-style CIFAR-10 CNN, BatchNorm folded"
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto, full_check=True)
-    return proto.SerializeToString()
+    doc = "lid-verifier issue 21: VGG-style CIFAR-10 CNN, BatchNorm folded"
+    return export_checked(model, torch.zeros(1, 3, 32, 32), doc, metadata).SerializeToString()
 
 
 def accuracy(logits: np.ndarray, y: np.ndarray) -> float:

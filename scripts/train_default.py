@@ -64,15 +64,18 @@ def train(x: Tensor, y: Tensor, *, steps: int, seed: int) -> DigitsMLP:
     return model
 
 
-def export_onnx(model: DigitsMLP, metadata: dict[str, str]) -> bytes:
-    """The model as ONNX bytes (legacy exporter, opset 17, dynamic batch axis)."""
+def export_checked(
+    model: nn.Module, example: Tensor, doc_string: str, metadata: dict[str, str]
+) -> onnx.ModelProto:
+    """A model as checked ONNX (legacy exporter, opset 17, dynamic batch axis, input `input`,
+    output `logits`), with a doc string and metadata; shared by the training scripts."""
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # the legacy exporter is chosen on purpose (plain Gemm nodes, initializer names kept)
         warnings.simplefilter("ignore", DeprecationWarning)
         exported = Path(tmp) / "model.onnx"
         torch.onnx.export(
             model,
-            (torch.zeros(1, 64),),
+            (example,),
             exported,
             dynamo=False,
             opset_version=17,
@@ -82,11 +85,18 @@ def export_onnx(model: DigitsMLP, metadata: dict[str, str]) -> bytes:
             do_constant_folding=True,
         )
         proto = onnx.load(exported)
-    proto.doc_string = "lid-verifier default model: 64-32-32-10 ReLU MLP on sklearn digits"
+    proto.doc_string = doc_string
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model: DigitsMLP, metadata: dict[str, str]) -> bytes:
+    """The model as ONNX bytes (legacy exporter, opset 17, dynamic batch axis)."""
+    doc = "lid-verifier default model: 64-32-32-10 ReLU MLP on sklearn digits"
+    proto = export_checked(model, torch.zeros(1, 64), doc, metadata)
     names = sorted(init.name for init in proto.graph.initializer)
     expected = sorted(f"fc{k}.{p}" for k in (1, 2, 3) for p in ("weight", "bias"))
     if names != expected:

@@ -27,7 +27,14 @@ from verifier.certify import (
 from verifier.cli import ExitCode
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
-from verifier.ladder import LadderResult, Rung, climb, lid_warnings, samples_needed, scale_domain
+from verifier.ladder import (
+    FixedSequence,
+    LadderResult,
+    Rung,
+    lid_warnings,
+    samples_needed,
+    scale_domain,
+)
 
 
 def _box(seed: int = 0) -> tuple[Box, dict[str, torch.Tensor]]:
@@ -90,50 +97,68 @@ def test_zonotope_scales_box_and_generators() -> None:
         scale_domain(zono, theta0, 2.0, max_width=1.0)
 
 
-@pytest.mark.parametrize("threshold", [5.0, 1.5, 1.0, 0.7, 0.3, 0.05])
-def test_climb_keeps_the_widest_candidate_that_holds(threshold: float) -> None:
+def _fixed_sequence(threshold: float, seen: list[float]) -> tuple[FixedSequence, Box, dict]:
+    """A sequence whose candidates hold when their width (relative to `box`) <= threshold."""
     box, theta0 = _box(3)
-    scales = (4.0, 2.0, 1.414, 1.0, 0.707, 0.5, 0.25, 0.125)
-    seen: list[float] = []
+    reference = float((box.upper["b"] - box.lower["b"]).sum())
+
+    def relative(candidate: Box | Zonotope) -> float:
+        assert isinstance(candidate, Box)
+        return float((candidate.upper["b"] - candidate.lower["b"]).sum()) / reference
 
     def certify(candidate: Box | Zonotope) -> list[TaskCertificate]:
-        assert isinstance(candidate, Box)
-        scale = float((candidate.upper["b"] - theta0["b"]).sum()) / float(
-            (box.upper["b"] - theta0["b"]).sum()
+        seen.append(relative(candidate))
+        return [_cert(relative(candidate) <= threshold + 1e-6)]
+
+    scales = (1.0, 0.7937, 0.63, 0.5, 0.3969)
+    return FixedSequence(theta0, scales, certify, relative, searches=3), box, theta0
+
+
+@pytest.mark.parametrize("threshold", [5.0, 1.5, 1.0, 0.7, 0.45, 0.2])
+def test_fixed_sequence_stops_at_the_first_miss_and_keeps_the_widest(threshold: float) -> None:
+    seen: list[float] = []
+    sequence, box, theta0 = _fixed_sequence(threshold, seen)
+    for search, grow in enumerate((1.0, 1.5, 1.2)):  # three searches: wider, then narrower
+        sequence.offer(box.scaled(theta0, grow), search, (0.9 - 0.01 * search,))
+        if sequence.stopped:
+            break
+    result = sequence.result()
+    # candidates were certified narrowest first, each wider than every one accepted before
+    assert all(b > a for a, b in zip(seen, seen[1:], strict=False))
+    # the sequence ends at the first miss, or after every candidate of every search
+    assert [r.holds for r in result.tried] == [True] * (len(seen) - sequence.stopped) + [
+        False
+    ] * sequence.stopped
+    if threshold < 0.3969 - 1e-6:  # even the first candidate misses: written, failing
+        assert not result.chosen.holds and result.chosen is result.tried[0]
+    else:
+        assert result.chosen.holds
+        assert seen[len(result.tried) - 1 - sequence.stopped] == pytest.approx(
+            max(r for r in seen if r <= threshold + 1e-6)
         )
-        seen.append(scale)
-        return [_cert(scale <= threshold + 1e-6)]
-
-    result = climb(box, theta0, scales, certify)
-    holding = [c for c in scales if c <= threshold]
-    if holding:
-        assert result.chosen.holds and result.chosen.scale == max(holding)
-    else:  # none holds: the narrowest, with its failing certificate
-        assert not result.chosen.holds and result.chosen.scale == min(scales)
-    assert len(seen) <= math.ceil(math.log2(len(scales))) + 2
-    assert {r.scale for r in result.tried} <= set(scales)
-    assert all(r.holds == (r.scale <= threshold) for r in result.tried)
-    assert seen[0] == pytest.approx(1.0, rel=1e-5)  # bisection starts at the search result
+    # the third search (scaled 1.2) is no wider than the second's widest candidate, so after
+    # a second search accepted at full scale it has nothing wider to offer
+    if any(r.search == 1 and r.scale == 1.0 and r.holds for r in result.tried):
+        assert all(r.search < 2 for r in result.tried)
 
 
-def test_union_bound_over_the_ladder_holds_by_simulation() -> None:
-    """m candidates with true rates p_i, each bound at beta/m: the chance that any bound
-    exceeds its p_i stays under beta (simulated, beta = 0.2 to see misses at all)."""
-    rng = np.random.default_rng(0)
-    n, m, beta, draws = 200, 8, 0.2, 3000
-    p = np.linspace(0.80, 0.95, m)
-    k = rng.binomial(n, p, size=(draws, m))
-    misses = 0
-    for row in k:
-        bounds = [clopper_pearson_lower(int(ki), n, beta / m) for ki in row]
-        misses += any(b > pi for b, pi in zip(bounds, p, strict=True))
-    assert misses / draws <= beta  # union bound (its miss rate is far below beta in practice)
-    # and without the correction the same choice misses more often than beta / m would allow
-    naive = sum(
-        any(clopper_pearson_lower(int(ki), n, beta) > pi for ki, pi in zip(row, p, strict=True))
-        for row in k
-    )
-    assert naive > misses
+def test_fixed_sequence_controls_false_acceptance_by_simulation() -> None:
+    """Ordered candidates with true rates p_i, each tested at beta in order until the first
+    miss: the chance that any accepted candidate has p_i < τ stays under beta, although no
+    test was made at beta / m (beta = 0.2 to see misses at all)."""
+    rng = np.random.default_rng(1)
+    n, beta, tau, draws = 200, 0.2, 0.85, 3000
+    p = np.array([0.95, 0.92, 0.89, 0.86, 0.84, 0.83, 0.80])  # narrower boxes certify more
+    false = 0
+    for _ in range(draws):
+        for pi in p:
+            k = rng.binomial(n, pi)
+            if clopper_pearson_lower(int(k), n, beta) < tau:
+                break
+            false += pi < tau
+            if pi < tau:
+                break
+    assert false / draws <= beta
 
 
 @pytest.mark.parametrize(
@@ -192,9 +217,13 @@ def test_run_records_its_ladder_and_verify_recomputes_it(tmp_path: Path) -> None
     assert result.exit_code == ExitCode.OK, result.output
     doc = json.loads((out / "certificate.json").read_text())
     ladder = doc["ladder"]
-    assert ladder["m"] == 2 * len(ladder["scales"]) == 8
+    assert ladder["procedure"] == "fixed-sequence" and ladder["searches"] == 2
     task = doc["tasks"][0]
-    assert task["beta"] == pytest.approx(0.001 / 8)
+    assert task["beta"] == 0.001  # fixed-sequence testing: every candidate at the full beta
+    tried = ladder["tried"]
+    widths = [r["mean_width"] for r in tried]
+    assert widths == sorted(widths)  # narrowest first, each wider than those accepted
+    assert all(r["holds"] for r in tried[:-1])  # it stops at the first miss
     chosen = [
         r
         for r in ladder["tried"]

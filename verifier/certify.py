@@ -19,7 +19,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
@@ -29,6 +29,7 @@ from torch import Tensor
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.linear import linear_margin_bounds
 from verifier.bounds.margins import MarginBounds, combine_margin_bounds
+from verifier.bounds.memory import PassPlan, bound_pass_cost, current_memory_budget, plan_pass
 from verifier.bounds.zonotope import zonotope_margin_bounds
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
@@ -169,12 +170,19 @@ def certify_samples(
             `verifier.bounds.linear`), "crown-ibp" (auto_LiRPA, Linear boxes only) or "best"
             (per sample and class the tighter of "ibp" and "linear"; both carry a derived
             float64 rounding allowance).
-        chunk_size: samples per bound pass.
+        chunk_size: most samples per bound pass; fewer where a memory budget is set
+            (`verifier.bounds.memory`), and margin rows in groups where one sample's rows do
+            not fit. The mask and count are the same whatever the chunking.
         on_chunk: called with the number of samples done after each chunk.
 
     Returns:
         (certified mask of shape (n,), number of samples whose bounds were NaN or Inf).
+
+    Raises:
+        MemoryBudgetError: the memory budget is below one sample's bound pass.
     """
+    plan = proof_plan(graph, box, method, chunk_size)
+    chunk_size = plan.samples
     backend = _BACKEND.get()
     if backend is not None:  # issue 22: e.g. Ray tasks; the backend's own calls run here
         with certification_backend(None):
@@ -190,9 +198,9 @@ def certify_samples(
             yb = y[start : start + chunk_size].to(device)
             ok = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
             if isinstance(box64, Zonotope):
-                proofs = _zonotope_proofs(graph, box64, xb, yb, method)
+                proofs = _zonotope_proofs(graph, box64, xb, yb, method, plan.rows)
             else:
-                proofs = _proofs(graph, box64, xb, yb, method)
+                proofs = _proofs(graph, box64, xb, yb, method, plan.rows)
             for bounds in proofs:
                 ok |= bounds.certified()
             first = proofs[0].lower
@@ -203,7 +211,33 @@ def certify_samples(
     return torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool), nonfinite
 
 
-def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) -> list[MarginBounds]:
+def proof_plan(
+    graph: Graph, domain: Box | Zonotope, method: CertMethod, chunk_size: int
+) -> PassPlan:
+    """Samples per float64 proof pass (at most chunk_size) and margin rows per group that fit
+    the current memory budget (`verifier.bounds.memory`; no budget: chunk_size, all rows)."""
+    budget = current_memory_budget()
+    if budget is None:
+        return PassPlan(chunk_size)
+    if isinstance(domain, Zonotope):
+        k = next(iter(domain.generators.values())).shape[0] if domain.generators else 0
+        cost = bound_pass_cost(graph, "zonotope", generators=k)
+        if method != "ibp":
+            hull = bound_pass_cost(graph, "linear" if method == "best" else method)
+            cost = replace(cost, per_row=max(cost.per_row, hull.per_row))
+    else:
+        cost = bound_pass_cost(graph, method)
+    return plan_pass(cost, budget, samples=chunk_size)
+
+
+def _proofs(
+    graph: Graph,
+    box: Box,
+    x: Tensor,
+    y: Tensor,
+    method: CertMethod,
+    max_rows: int | None = None,
+) -> list[MarginBounds]:
     out = []
     if method in ("ibp", "best"):
         out.append(margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True))
@@ -212,7 +246,9 @@ def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) ->
             margin_bounds(graph, box.lower, box.upper, x, y, rule="midrad", track_rounding=True)
         )
     if method in ("linear", "best"):
-        linear = linear_margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True)
+        linear = linear_margin_bounds(
+            graph, box.lower, box.upper, x, y, track_rounding=True, max_rows=max_rows
+        )
         out = [combine_margin_bounds(out[0], linear)] if method == "best" else [linear]
     if method == "crown-ibp":
         from verifier.bounds.lirpa import lirpa_margin_bounds
@@ -227,7 +263,12 @@ def _proofs(graph: Graph, box: Box, x: Tensor, y: Tensor, method: CertMethod) ->
 
 
 def _zonotope_proofs(
-    graph: Graph, zonotope: Zonotope, x: Tensor, y: Tensor, method: CertMethod
+    graph: Graph,
+    zonotope: Zonotope,
+    x: Tensor,
+    y: Tensor,
+    method: CertMethod,
+    max_rows: int | None = None,
 ) -> list[MarginBounds]:
     out = [
         zonotope_margin_bounds(
@@ -237,7 +278,7 @@ def _zonotope_proofs(
     if method in ("linear", "crown-ibp", "best"):
         # the interval hull is a superset of the zonotope: a proof there holds for it too
         hull_method: CertMethod = "linear" if method == "best" else method
-        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, hull_method))
+        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, hull_method, max_rows))
     return out
 
 

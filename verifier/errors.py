@@ -42,6 +42,10 @@ class BackendError(InputError):
     """An optional backend (auto_LiRPA, z3, Chromium) is missing or cannot handle the request."""
 
 
+class MemoryBudgetError(InputError):
+    """A memory budget (`--max-memory`) is malformed or too small for one bound pass."""
+
+
 class TargetUnreachable(VerifierError):
     """The held-out data cannot certify a target, whatever the box (the CLI exits 1)."""
 

@@ -1,18 +1,23 @@
-"""The certification ladder: nested scales of the search result, certified at beta / m each.
+"""The certification ladder: candidate LIDs certified in a fixed sequence, each at full beta.
 
 How wide a box the held-out data will certify is known only once it is certified, and aiming
-the search at τ plus a hand-tuned slack makes the verdict hang on that slack. Instead, before
-any held-out sample is used, the spec fixes m scales c_1 > ... > c_m (`certify.ladder`); the
-candidate of scale c is the search result scaled about the current weights θ0,
+the search at τ plus a hand-tuned slack makes the verdict hang on that slack. Instead the spec
+fixes, before any held-out sample is used, an ordered sequence of candidates: for each search
+j = 1, 2, ... (at the search target, then at lower targets; `certify.ladder`), its result T_j
+scaled about the current weights θ0 by each scale c, narrowest first,
 
     θ0 + c (lower - θ0) <= θ <= θ0 + c (upper - θ0)   (generators of a zonotope times c),
 
-where a scale above 1 is kept inside the outer box and `search.max_width` (each entry grows
-only as far as they allow). Each candidate's Clopper-Pearson bound is computed at confidence
-1 - beta / m. With probability at least 1 - beta all m bounds hold at once (union bound over
-the m candidates, whichever of them are actually certified), so keeping the widest candidate
-that meets every target is sound. The candidates are certified by bisection over the scales
-from c = 1 (the certified count falls as the box grows); non-monotone counts only cost width.
+where a scale above 1 is kept inside the outer box and `search.max_width`. A candidate no wider
+(in the search's size measure) than the widest one accepted so far is skipped; that decision
+uses only the searches' results, never held-out data. The candidates are certified on the
+held-out part in that order, each with its Clopper-Pearson bound at confidence 1 - beta, and
+the sequence stops at the first candidate whose bound misses τ. This is fixed-sequence testing
+(Maurer, Hothorn and Lehmacher 1995): a false certificate among those accepted needs the first
+candidate whose true metric is below τ to pass its own test, which happens with probability at
+most beta, whatever the dependence between the tests. So with probability at least 1 - beta
+every accepted certificate holds at once, and the widest accepted candidate is kept, without
+the beta / m a union bound over m candidates would cost.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ class Rung:
 
 @dataclass(frozen=True, eq=False)
 class LadderResult:
-    """The kept candidate and every candidate certified on the way (in the order tried)."""
+    """The kept candidate and every candidate certified, in the order tried."""
 
     scales: tuple[float, ...]
     chosen: Rung
@@ -65,21 +70,20 @@ class LadderResult:
 
     def to_json(self, beta: float) -> dict[str, object]:
         """The certificate's `ladder` entry."""
-        m = len(self.scales) * self.searches
         return {
+            "procedure": "fixed-sequence",
             "scales": list(self.scales),
             "searches": self.searches,
-            "m": m,
             "beta": beta,
-            "beta_each": beta / m,
             "chosen_scale": self.chosen.scale,
             "chosen_search": self.chosen.search,
             "rule": (
                 f"up to {self.searches} searches, at the search target and at lower ones (never "
-                "below τ), each result scaled about θ0 by each scale; each candidate certified "
-                f"on the held-out part at beta/{m}; union bound over the {m} candidates; the "
-                "widest candidate meeting every target kept (per search, bisection from scale "
-                "1; the next, lower target only while the last search held at scale >= 1)"
+                "below τ); each result scaled about θ0 by the scales, narrowest first, a "
+                "candidate no wider than the widest accepted skipped; each certified on the "
+                "held-out part at beta, in that order, stopping at the first that misses τ "
+                "(fixed-sequence testing: with probability >= 1 - beta every accepted "
+                "certificate holds); the widest accepted kept"
             ),
             "tried": [
                 {
@@ -143,71 +147,63 @@ def _cap_width(
     return lo - (lo - new_lo) * keep, up + (new_up - up) * keep
 
 
-def climb(
-    domain: Domain,
-    theta0: Mapping[str, Tensor],
-    scales: Sequence[float],
-    certify: Callable[[Domain], list[TaskCertificate]],
-    *,
-    outer: Box | None = None,
-    max_width: float | None = None,
-    on_rung: Callable[[float, int], None] | None = None,
-    search: int = 0,
-    search_targets: tuple[float, ...] = (),
-    searches: int = 1,
-) -> LadderResult:
-    """Certify candidates by bisection and keep the widest that holds.
+class FixedSequence:
+    """Runs the fixed sequence across searches: `offer` each search's result in turn."""
 
-    Args:
-        domain: the search result.
-        theta0: the current weights of the boxed parameters.
-        scales: the declared scales, widest first (`CertifySection.ladder`).
-        certify: the held-out certificates of a candidate, one per task, each at beta / m.
-        outer: the outer box (sequences), or None.
-        max_width: the search's cap on an entry's width, or None.
-        on_rung: called with (scale, number certified so far) before each certification.
-        search, search_targets, searches: which search of how many produced `domain`, and
-            its targets (recorded with each candidate).
+    def __init__(
+        self,
+        theta0: Mapping[str, Tensor],
+        scales: Sequence[float],
+        certify: Callable[[Domain], list[TaskCertificate]],
+        size: Callable[[Domain], float],
+        *,
+        searches: int = 1,
+        outer: Box | None = None,
+        max_width: float | None = None,
+        on_rung: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.theta0, self.certify, self.size = theta0, certify, size
+        self.scales = tuple(sorted(scales))  # narrowest first
+        self.searches, self.outer, self.max_width = searches, outer, max_width
+        self.on_rung = on_rung
+        self.tried: list[Rung] = []
+        self.best: Rung | None = None
+        self.best_size = -math.inf
+        self.stopped = False
 
-    Returns:
-        The widest certified candidate that holds; if none holds, the narrowest tried (its
-        certificates say so).
-    """
-    order = tuple(sorted(scales, reverse=True))
-    if isinstance(domain, Zonotope) and (outer is not None or max_width is not None):
-        eligible = [i for i, c in enumerate(order) if c <= 1.0] or [len(order) - 1]
-    else:
-        eligible = list(range(len(order)))
-    done: dict[int, Rung] = {}
-    tried: list[Rung] = []
+    def offer(self, domain: Domain, search: int, search_targets: tuple[float, ...]) -> None:
+        """Certify this search's candidates in order until one misses τ (then stop for good).
 
-    def rung(i: int) -> Rung:
-        if i not in done:
-            if on_rung is not None:
-                on_rung(order[i], len(tried))
-            candidate = scale_domain(domain, theta0, order[i], outer=outer, max_width=max_width)
-            done[i] = Rung(order[i], candidate, certify(candidate), search, search_targets)
-            tried.append(done[i])
-        return done[i]
+        A zonotope is not scaled above 1 inside an outer box or max_width (those scales are
+        skipped)."""
+        capped = self.outer is not None or self.max_width is not None
+        for scale in self.scales:
+            if self.stopped:
+                return
+            if isinstance(domain, Zonotope) and capped and scale > 1.0:
+                continue
+            candidate = scale_domain(
+                domain, self.theta0, scale, outer=self.outer, max_width=self.max_width
+            )
+            size = self.size(candidate)
+            if size <= self.best_size:
+                continue  # no wider than one accepted: decided without held-out data
+            if self.on_rung is not None:
+                self.on_rung(search, scale)
+            rung = Rung(scale, candidate, self.certify(candidate), search, search_targets)
+            self.tried.append(rung)
+            if not rung.holds:
+                self.stopped = True
+                return
+            self.best, self.best_size = rung, size
 
-    # first index (among eligible, widest first) that holds; len(eligible) when none does
-    low, high = 0, len(eligible)
-    first = min(range(len(eligible)), key=lambda j: abs(order[eligible[j]] - 1.0))
-    mid = first
-    while low < high:
-        if rung(eligible[mid]).holds:
-            high = mid
-        else:
-            low = mid + 1
-        mid = (low + high) // 2
-    chosen = rung(eligible[min(low, len(eligible) - 1)])
-    return LadderResult(order, chosen, tried, searches)
-
-
-def merge(ladders: Sequence[LadderResult], chosen: LadderResult) -> LadderResult:
-    """One record of the ladders of successive searches, keeping `chosen`'s candidate."""
-    tried = [rung for ladder in ladders for rung in ladder.tried]
-    return LadderResult(chosen.scales, chosen.chosen, tried, chosen.searches)
+    def result(self) -> LadderResult:
+        """The widest accepted candidate, or (none accepted) the first, failing one."""
+        if not self.tried:
+            raise ValueError("no candidate was certified")
+        chosen = self.best if self.best is not None else self.tried[0]
+        scales = tuple(sorted(self.scales, reverse=True))
+        return LadderResult(scales, chosen, self.tried, self.searches)
 
 
 def samples_needed(target: float, rate: float, beta: float, kind: BoundKind) -> int | None:
@@ -237,7 +233,6 @@ def unreachable_message(
 ) -> str:
     """Why a task's target cannot be certified with its held-out data (before any search)."""
     kind = spec.certify.bound
-    m = spec.certify.ladder.m
     at_clean = proportion_lower(math.floor(clean * n), n, beta, kind)
     best = proportion_lower(n, n, beta, kind)
     need = samples_needed(target, clean, beta, kind)
@@ -248,8 +243,8 @@ def unreachable_message(
     )
     return (
         f"task '{task}': τ = {target:.4f} is not certifiable with this data: {n} held-out "
-        f"samples at beta = {beta:.3g} ({spec.certify.beta:g} over the {m} ladder candidates"
-        f"{' and the classes' if beta < spec.certify.beta_each else ''}) give a {kind} lower "
+        f"samples at beta = {beta:.3g}{' (over the classes)' if beta < spec.certify.beta else ''}"
+        f" give a {kind} lower "
         f"bound of at most {at_clean:.4f} at the clean metric {clean:.4f} (at most {best:.4f} "
         f"if every sample were certified); {more}. Raise certify.certification_fraction, "
         "add data, or lower the target."
@@ -267,7 +262,8 @@ def lid_warnings(domain: Box | Zonotope, ladder: LadderResult) -> list[str]:
         )
     if not ladder.chosen.holds:
         warnings.append(
-            f"no candidate of the ladder met every target; the narrowest tried (scale "
-            f"{ladder.chosen.scale:g}) is written with its failing certificate"
+            f"no candidate of the ladder met every target; the first one certified (scale "
+            f"{ladder.chosen.scale:g} of search {ladder.chosen.search + 1}) is written with its "
+            "failing certificate"
         )
     return warnings

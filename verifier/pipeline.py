@@ -38,8 +38,7 @@ from verifier.domains.zonotope import Zonotope
 from verifier.errors import DataError, SpecError, TargetUnreachable
 from verifier.files import file_sha256, folder_lock, write_text_atomic
 from verifier.graph import Graph
-from verifier.ladder import LadderResult, climb, lid_warnings, unreachable_message
-from verifier.ladder import merge as merge_ladders
+from verifier.ladder import FixedSequence, lid_warnings, unreachable_message
 from verifier.onnx.prefix import load_bounded_graph, prefix_progress
 from verifier.report.certificate import build_certificate, portable_spec
 from verifier.search import (
@@ -162,7 +161,7 @@ def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask
             f"task '{section.name}': target resolves to {target:.4f} (clean {clean:.4f}); "
             "it must lie in (0, 1]"
         )
-    n_eff, beta = x_cert.shape[0], spec.certify.beta_each
+    n_eff, beta = x_cert.shape[0], spec.certify.beta
     if section.metric == "balanced_accuracy":
         # per-class bounds at beta / C; the rarest class needs the highest rate
         counts = torch.unique(y_cert, return_counts=True)[1]
@@ -172,8 +171,16 @@ def prepare_task(spec: Spec, section: TaskSection, graph: Graph) -> PreparedTask
     if needed > clean:
         raise TargetUnreachable(unreachable_message(spec, section.name, target, clean, n_eff, beta))
     slack = spec.search.target_slack
-    search_target = needed if slack == "auto" else target + float(slack)
-    search_target = min(search_target, clean)
+    if slack == "auto":
+        # aim where a union bound over the ladder's candidates would need to be (a cautious
+        # aim that leaves the ladder's smaller scales room to catch a harder held-out part);
+        # the certificates themselves are at beta (fixed-sequence testing, verifier.ladder)
+        ladder = spec.certify.ladder
+        cautious = beta / (len(ladder.scales) * ladder.targets)
+        aim = required_rate(target, n_eff, cautious, spec.certify.bound)
+        search_target = aim if aim <= clean else needed
+    else:
+        search_target = min(target + float(slack), clean)
     # the ladder's lower targets: steps of the held-out rate's standard deviation, down to τ
     ladder = spec.certify.ladder
     sigma = math.sqrt(search_target * (1.0 - search_target) / n_eff)
@@ -267,56 +274,48 @@ def certify_prepared(
         task=task.section.name,
         metric=task.section.metric,
         target=task.target,
-        beta=spec.certify.beta_each,
+        beta=spec.certify.beta,
         bound_kind=spec.certify.bound,
         method=method,
         n_nonfinite=nonfinite,
     )
 
 
-def climb_ladder(
+def open_ladder(
     graph: Graph,
-    domain: Box | Zonotope,
     theta0: Mapping[str, Tensor],
     tasks: Sequence[PreparedTask],
     spec: Spec,
     outer: Box | None,
     phase: Callable[[str], None],
-    search: int,
-) -> LadderResult:
-    """Certify scales of a search result on the held-out parts; keep the widest that holds."""
-    scales = spec.certify.ladder.scales
-    m = spec.certify.ladder.m
+) -> FixedSequence:
+    """The certification ladder's fixed sequence (`verifier.ladder`), ready for results."""
 
     def certify(candidate: Box | Zonotope) -> list[TaskCertificate]:
         method = spec.certify.method
         return [certify_prepared(graph, candidate, t, spec, method=method) for t in tasks]
 
-    def on_rung(scale: float, done: int) -> None:
+    def size(candidate: Box | Zonotope) -> float:
+        box = candidate.interval_hull() if isinstance(candidate, Zonotope) else candidate
+        return box.size(spec.search.size)
+
+    def on_rung(search: int, scale: float) -> None:
         phase(
             f"certifying on held-out data (float64): scale {scale:g} of search {search + 1} "
-            f"({done + 1} tried of its {len(scales)}; {m} candidates in all, at beta/{m})"
+            f"(candidate {len(ladder.tried) + 1}, fixed sequence at beta)"
         )
 
-    return climb(
-        domain,
+    ladder = FixedSequence(
         theta0,
-        scales,
+        spec.certify.ladder.scales,
         certify,
+        size,
+        searches=spec.certify.ladder.targets,
         outer=outer,
         max_width=spec.search.max_width,
         on_rung=on_rung,
-        search=search,
-        search_targets=tuple(t.search_target for t in tasks),
-        searches=spec.certify.ladder.targets,
     )
-
-
-def _preference(ladder: LadderResult, spec: Spec) -> tuple[bool, float]:
-    """Candidates that hold first, then the larger size (the search's measure)."""
-    domain = ladder.chosen.domain
-    box = domain.interval_hull() if isinstance(domain, Zonotope) else domain
-    return ladder.chosen.holds, box.size(spec.search.size)
+    return ladder
 
 
 def _search(
@@ -417,7 +416,8 @@ def _run_lid(
     n_searched = sum(graph.parameters[n].numel() for n in names)
     theta0 = {n: graph.parameters[n] for n in names}
     searches = sorted({j: None for t in tasks for j in range(len(t.search_targets))})
-    climbed: list[tuple[int, SearchResult, LadderResult]] = []
+    sequence = open_ladder(graph, theta0, tasks, spec, outer, phase)
+    results: dict[int, SearchResult] = {}
     for j in searches:
         at_j = [t.at_target(j) for t in tasks]
         targets = ", ".join(f"{t.search_target:.4f}" for t in at_j)
@@ -425,17 +425,15 @@ def _run_lid(
             f"searching a {spec.domain} over {n_searched} parameters (search {j + 1} of "
             f"{len(searches)}, target {targets})"
         )
-        domain, result = _search(spec, graph, at_j, names, outer, frozen, run_device, on_step)
+        domain, results[j] = _search(spec, graph, at_j, names, outer, frozen, run_device, on_step)
         if outer_lid is not None:
             check_inside(domain, outer_lid)
-        ladder = climb_ladder(graph, domain, theta0, at_j, spec, outer, phase, j)
-        climbed.append((j, result, ladder))
-        # a lower target only pays while the held-out data certify at least the search result
-        if not ladder.chosen.holds or ladder.chosen.scale < 1.0:
+        sequence.offer(domain, j, tuple(t.search_target for t in at_j))
+        if sequence.stopped:  # a candidate missed τ: the fixed sequence ends here
             break
-    chosen_j, result, ladder = max(climbed, key=lambda c: _preference(c[2], spec))
-    tasks = [t.at_target(chosen_j) for t in tasks]
-    ladder = merge_ladders([c[2] for c in climbed], ladder)
+    ladder = sequence.result()
+    result = results[ladder.chosen.search]
+    tasks = [t.at_target(ladder.chosen.search) for t in tasks]
     inherited = [] if outer_lid is None else outer_lid.inherited
     domain, certificates = ladder.chosen.domain, ladder.chosen.certificates
     if ladder.chosen.scale != 1.0:  # the search section describes the LID that is kept

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -21,8 +22,8 @@ from verifier.errors import SpecError
 TARGET_PATTERN = re.compile(r"^\s*acc\s*-\s*([0-9]*\.?[0-9]+)\s*$")
 
 
-DEFAULT_SCALES: tuple[float, ...] = tuple(round(2.0 ** (k / 3), 4) for k in range(0, -4, -1))
-"""Four scales 2^(k/3), k = 0 .. -3 (1 down to 0.5): steps of 26%; a wider box than the
+DEFAULT_SCALES: tuple[float, ...] = tuple(round(2.0 ** (k / 3), 4) for k in range(0, -5, -1))
+"""Five scales 2^(k/3), k = 0 .. -4 (1 down to 0.40): steps of 26%; a wider box than the
 search result comes from the next search, at a lower target."""
 
 
@@ -139,9 +140,9 @@ class SearchSection(_Section):
     target_slack: Literal["auto"] | float = Field(
         "auto",
         description="Search for τ + slack on the optimisation part; 'auto' (default) picks the "
-        "rate whose held-out Clopper-Pearson bound at beta / m would just meet τ, and the "
-        "certification ladder (`certify.ladder`) then keeps the widest scale of the result that "
-        "the held-out data certifies, so no slack needs tuning.",
+        "rate whose held-out Clopper-Pearson bound at beta / m (m: the ladder's candidates, a "
+        "cautious aim) would just meet τ, and the certification ladder (`certify.ladder`) "
+        "keeps the widest candidate the held-out data certify, so no slack needs tuning.",
     )
     shrink: bool = True
     validation_fraction: float = Field(
@@ -204,9 +205,9 @@ class ZonotopeSection(_Section):
 
 
 class LadderSection(_Section):
-    """The certification ladder (verifier/ladder.py): m = targets x len(scales) candidates,
-    each certified on the held-out part at beta / m (union bound); the widest that meets
-    every target is kept."""
+    """The certification ladder (verifier/ladder.py): the results of up to `targets` searches,
+    each scaled by `scales` (narrowest first), certified on the held-out part at beta in that
+    fixed sequence until one misses τ; the widest accepted is kept."""
 
     scales: tuple[float, ...] = Field(
         DEFAULT_SCALES,
@@ -233,11 +234,6 @@ class LadderSection(_Section):
             raise ValueError(f"ladder scales must be distinct; got {list(value)}")
         return tuple(sorted(value, reverse=True))
 
-    @property
-    def m(self) -> int:
-        """The number of candidates the union bound covers."""
-        return self.targets * len(self.scales)
-
 
 class CertifySection(_Section):
     """The held-out finite-sample certificate."""
@@ -256,11 +252,6 @@ class CertifySection(_Section):
     )
     split_seed: int = 0
     ladder: LadderSection = LadderSection()
-
-    @property
-    def beta_each(self) -> float:
-        """The confidence parameter of each ladder candidate's certificate: beta / m."""
-        return self.beta / self.ladder.m
 
 
 class Spec(_Section):
@@ -389,34 +380,39 @@ def _resolve(value: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def _resolve_data(data: DataSection | None, base: Path) -> DataSection | None:
+def _map_data(data: DataSection | None, change: Callable[[str], str]) -> DataSection | None:
     if data is None:
         return None
     updates: dict[str, Any] = {}
     if data.name.endswith(".npz"):
-        updates["name"] = _resolve(data.name, base)
+        updates["name"] = change(data.name)
     if data.data_dir is not None:
-        updates["data_dir"] = _resolve(data.data_dir, base)
+        updates["data_dir"] = change(data.data_dir)
     return data.model_copy(update=updates) if updates else data
+
+
+def map_paths(spec: Spec, change: Callable[[str], str]) -> Spec:
+    """The spec with `change` applied to every file path in it: the model, .npz data and data
+    folders (top level, tasks, look-ahead) and the outer box."""
+    tasks = tuple(t.model_copy(update={"data": _map_data(t.data, change)}) for t in spec.tasks)
+    importance = spec.search.importance
+    importance = importance.model_copy(
+        update={"lookahead": _map_data(importance.lookahead, change)}
+    )
+    return spec.model_copy(
+        update={
+            "model": change(spec.model),
+            "data": _map_data(spec.data, change),
+            "tasks": tasks,
+            "outer_box": None if spec.outer_box is None else change(spec.outer_box),
+            "search": spec.search.model_copy(update={"importance": importance}),
+        }
+    )
 
 
 def resolve_paths(spec: Spec, base: Path) -> Spec:
     """Make the model, data and outer-box paths of a spec absolute, relative to `base`."""
-    tasks = tuple(t.model_copy(update={"data": _resolve_data(t.data, base)}) for t in spec.tasks)
-    importance = spec.search.importance
-    importance = importance.model_copy(
-        update={"lookahead": _resolve_data(importance.lookahead, base)}
-    )
-    search = spec.search.model_copy(update={"importance": importance})
-    return spec.model_copy(
-        update={
-            "model": _resolve(spec.model, base),
-            "data": _resolve_data(spec.data, base),
-            "tasks": tasks,
-            "outer_box": None if spec.outer_box is None else _resolve(spec.outer_box, base),
-            "search": search,
-        }
-    )
+    return map_paths(spec, lambda value: _resolve(value, base))
 
 
 def spec_hash(spec: Spec) -> str:

@@ -406,7 +406,7 @@ class _Verifier:
         stored = lid.metadata.get("certificate")
         try:
             stored_certs = json.loads(stored) if stored is not None else _MISSING
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, a huge number, nested too deeply
             stored_certs = stored
         diffs = differences([c.to_json() for c in certs], stored_certs, "certificate")
         if diffs:

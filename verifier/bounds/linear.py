@@ -103,6 +103,7 @@ def linear_margin_bounds(
     slope_steps: int = 20,
     slope_lr: float = 0.2,
     classes: Tensor | None = None,
+    max_rows: int | None = None,
 ) -> MarginBounds:
     """Lower-bound every margin z_y - z_j over the box by linear back-substitution.
 
@@ -128,6 +129,10 @@ def linear_margin_bounds(
         classes: optional (batch, k) classes j != y to bound; the margins of the other
             classes are then -inf (no bound), which `combine_margin_bounds` fills from another
             engine. Bounding only the few most threatening classes makes a pass cheaper.
+        max_rows: back-substitute at most this many rows of each sample at once (margin rows,
+            and the 2 n rows of a pre-activation under "crown"), in groups whose results are
+            concatenated: every row's arithmetic is its own, so the bounds are the same bit
+            for bit (`verifier.bounds.memory` picks it to fit a memory budget). None: all.
 
     Returns:
         MarginBounds with `lower` of shape (batch, n_classes), +inf at the true class, and
@@ -148,7 +153,9 @@ def linear_margin_bounds(
     _check_inputs(graph, lower, upper, x, y)
     y = y.to(device=x.device, dtype=torch.long)
     batch, n_classes = x.shape[0], graph.n_classes
-    engine = _Engine(graph, lower, upper, x, intermediate, track_rounding)
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1; got {max_rows}")
+    engine = _Engine(graph, lower, upper, x, intermediate, track_rounding, max_rows)
     if classes is None:
         rank = torch.arange(n_classes - 1, device=x.device)[None, :]
         others = rank + (rank >= y[:, None]).long()  # every class but y, in order
@@ -158,7 +165,7 @@ def linear_margin_bounds(
             raise ValueError("classes must have one row per sample and never name its label")
     eye = torch.eye(n_classes, dtype=x.dtype, device=x.device)
     rows = eye[y][:, None, :] - eye[others]  # (batch, n_classes - 1, n_classes)
-    chosen = None
+    search = None
     if slopes == "optimized" and n_classes > 1:
         search = engine
         if track_rounding or _needs_grad(lower, upper, x):  # optimise on a plain, detached copy
@@ -170,12 +177,19 @@ def linear_margin_bounds(
                     x.detach(),
                     intermediate,
                     False,
+                    max_rows,
                 )
-        chosen = _optimise_slopes(search, rows, slope_steps, slope_lr)
-    ledger = engine.walker.run(graph.output_name, rows, slopes=chosen)
+    consts, roundings = [], []
+    for group in _row_groups(rows.shape[1], max_rows):
+        part = rows[:, group]
+        chosen = None if search is None else _optimise_slopes(search, part, slope_steps, slope_lr)
+        ledger = engine.walker.run(graph.output_name, part, slopes=chosen)
+        consts.append(ledger.const)
+        roundings.append(ledger.rounding())
+    const = torch.cat(consts, dim=1)
     margins = torch.full((batch, n_classes), -torch.inf, dtype=x.dtype, device=x.device)
-    margins = margins.scatter(1, others, ledger.const)
-    rounding = ledger.rounding()
+    margins = margins.scatter(1, others, const)
+    rounding = None if roundings[0] is None else torch.cat(roundings, dim=1)  # type: ignore[arg-type]
     if rounding is not None:
         rounding = torch.zeros_like(margins).scatter(1, others, rounding)
     return mask_true_class(margins, rounding, y)
@@ -192,9 +206,11 @@ class _Engine:
         x: Tensor,
         intermediate: Intermediate,
         track: bool,
+        max_rows: int | None = None,
     ) -> None:
         self.graph = graph
         self.track = track
+        self.max_rows = max_rows
         self.enclosures: dict[str, Enclosure] = {}
         boxes = BoxCache(graph, lower, upper, x)
         self.walker = BackSubstitution(graph, self.enclosures, boxes, track=track)
@@ -222,9 +238,13 @@ class _Engine:
         batch = ibp.lower.shape[0]
         eye = torch.eye(n, dtype=ibp.lower.dtype, device=ibp.lower.device)
         lam = torch.cat([eye, -eye]).reshape(1, 2 * n, *ibp.shape).expand(batch, -1, *ibp.shape)
-        ledger = self.walker.run(op.output, lam)
-        bound = ledger.const
-        rounding = ledger.rounding()
+        ledgers = [
+            self.walker.run(op.output, lam[:, group])
+            for group in _row_groups(lam.shape[1], self.max_rows)
+        ]
+        bound = torch.cat([ledger.const for ledger in ledgers], dim=1)
+        parts = [ledger.rounding() for ledger in ledgers]
+        rounding = None if parts[0] is None else torch.cat(parts, dim=1)  # type: ignore[arg-type]
         lo = bound[:, :n].reshape(batch, *ibp.shape)
         up = -bound[:, n:].reshape(batch, *ibp.shape)
         if rounding is not None:
@@ -242,6 +262,12 @@ class _Engine:
         if not isinstance(op, Linear | Conv):
             return False
         return self.enclosures[op.inputs[0]].point is not None
+
+
+def _row_groups(n_rows: int, max_rows: int | None) -> list[slice]:
+    """Consecutive slices of at most max_rows rows covering n_rows (one slice when None)."""
+    step = n_rows if max_rows is None else max(1, max_rows)
+    return [slice(start, start + step) for start in range(0, max(n_rows, 1), max(step, 1))]
 
 
 def _refined_tensors(graph: Graph) -> set[str]:

@@ -155,3 +155,41 @@ def progress(
 
 DEVICE_OPT = click.option("--device", default=None, help="cpu or cuda (default: the spec's).")
 JSON_OPT = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+
+
+def _memory_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """--max-memory SIZE in bytes; a bad size is one line and exit 2."""
+    if value is None:
+        return None
+    from verifier.bounds.memory import parse_size
+    from verifier.errors import MemoryBudgetError
+
+    try:
+        return parse_size(value)
+    except MemoryBudgetError as err:
+        raise BadInput(str(err)) from err
+
+
+MAX_MEMORY_OPT = click.option(
+    "--max-memory",
+    "max_memory",
+    default=None,
+    metavar="SIZE",
+    callback=_memory_option,
+    help="Memory the bound passes may use, e.g. 4G or 512M (default: half of the memory "
+    "available now; on CUDA half of the device's free memory). Passes split their samples "
+    "(and margin rows) to fit; results do not change.",
+)
+
+
+def memory_limit(max_memory: int | None, device: str | None) -> Any:
+    """The `memory_budget` context of a command: --max-memory, else the machine's default
+    for `device` (CUDA when it names one and CUDA is there, else the CPU)."""
+    import torch
+
+    from verifier.bounds.memory import default_memory_budget, memory_budget
+
+    if max_memory is None:
+        cuda = device is not None and device.startswith("cuda") and torch.cuda.is_available()
+        max_memory = default_memory_budget(device if cuda else "cpu")  # type: ignore[arg-type]
+    return memory_budget(max_memory)

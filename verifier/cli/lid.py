@@ -12,11 +12,13 @@ from verifier.cli.cluster import RAY_OPT, certify_document, ray_certifier
 from verifier.cli.conventions import (
     DEVICE_OPT,
     JSON_OPT,
+    MAX_MEMORY_OPT,
     ExitCode,
     NotCertifiable,
     data_dir_option,
     emit_json,
     input_errors_exit_2,
+    memory_limit,
     progress,
 )
 
@@ -24,7 +26,9 @@ if TYPE_CHECKING:
     from verifier.spec import Spec
 
 
-def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) -> bool:
+def _lid_job(
+    spec_path: Path, out_dir: Path, device: str | None, as_json: bool, max_memory: int | None
+) -> bool:
     from verifier.errors import TargetUnreachable
     from verifier.pipeline import run_lid
     from verifier.spec import load_spec
@@ -32,14 +36,15 @@ def _lid_job(spec_path: Path, out_dir: Path, device: str | None, as_json: bool) 
     spec = load_spec(spec_path)
     on_step, on_phase, close = progress(search_steps(spec))
     try:
-        run = run_lid(
-            spec,
-            out_dir,
-            device=device,
-            on_step=on_step,
-            on_phase=on_phase,
-            command=" ".join(["verifier", *sys.argv[1:]]),
-        )
+        with memory_limit(max_memory, device or spec.device):
+            run = run_lid(
+                spec,
+                out_dir,
+                device=device,
+                on_step=on_step,
+                on_phase=on_phase,
+                command=" ".join(["verifier", *sys.argv[1:]]),
+            )
     except TargetUnreachable as err:  # explained before any search; nothing written
         raise NotCertifiable(str(err)) from err
     finally:
@@ -89,11 +94,11 @@ def render_certificate(doc: dict[str, Any]) -> str:
             f"{entry['target']:.4f}; this LID lies inside it, so the certificate {status}"
         )
     ladder = doc.get("ladder")
-    if ladder is not None and ladder["m"] > 1:
+    if ladder is not None and len(ladder["tried"]) > 1:
         lines.append(
             f"ladder: scale {ladder['chosen_scale']:g} of search {ladder['chosen_search'] + 1} "
-            f"kept, the widest that held of {len(ladder['tried'])} certified of "
-            f"{ladder['m']} candidates (each at beta/{ladder['m']} = {ladder['beta_each']:.3g})"
+            f"kept, the widest of {len(ladder['tried'])} candidates certified in a fixed "
+            f"sequence (each at beta = {ladder['beta']:g})"
         )
     lines.extend(f"WARNING: {warning}" for warning in doc.get("warnings", []))
     lines.append(f"written: {lid['path']} and certificate.json beside it")
@@ -117,6 +122,7 @@ OUT_OPT = click.option(
 @DEVICE_OPT
 @JSON_OPT
 @RAY_OPT
+@MAX_MEMORY_OPT
 @click.pass_context
 @input_errors_exit_2
 def lid(
@@ -126,10 +132,11 @@ def lid(
     device: str | None,
     as_json: bool,
     ray_address: str | None,
+    max_memory: int | None,
 ) -> None:
     """Search a box LID for SPEC_PATH and certify it on held-out data."""
     with ray_certifier(ray_address):  # issue 22: checkpoint proofs and certificate as Ray tasks
-        holds = _lid_job(spec_path, out_dir, device, as_json)
+        holds = _lid_job(spec_path, out_dir, device, as_json, max_memory)
     ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
 
 
@@ -140,6 +147,7 @@ def lid(
 @JSON_OPT
 @click.option("--pdf", is_flag=True, help="Also print the report to PDF (headless Chromium).")
 @RAY_OPT
+@MAX_MEMORY_OPT
 @click.pass_context
 @input_errors_exit_2
 def run(
@@ -150,6 +158,7 @@ def run(
     as_json: bool,
     pdf: bool,
     ray_address: str | None,
+    max_memory: int | None,
 ) -> None:
     """Run the whole pipeline for SPEC_PATH: the `lid` job, then the compliance report.
 
@@ -159,7 +168,7 @@ def run(
     from verifier.cli.report import write_report_files
 
     with ray_certifier(ray_address):  # issue 22: checkpoint proofs and certificate as Ray tasks
-        holds = _lid_job(spec_path, out_dir, device, as_json)
+        holds = _lid_job(spec_path, out_dir, device, as_json, max_memory)
     # the cross-check (`verifier crosscheck`) goes here, before the report that shows it
     write_report_files(out_dir, pdf=pdf)
     ctx.exit(ExitCode.OK if holds else ExitCode.SPEC_NOT_MET)
@@ -195,6 +204,7 @@ def run(
 )
 @JSON_OPT
 @RAY_OPT
+@MAX_MEMORY_OPT
 @click.pass_context
 @input_errors_exit_2
 def certify(
@@ -210,24 +220,26 @@ def certify(
     method: str,
     as_json: bool,
     ray_address: str | None,
+    max_memory: int | None,
 ) -> None:
     """Certify the LID at LID_PATH for MODEL_PATH on DATA_REF (all of it counts as held out).
 
     DATA_REF is a data set, an .npz file, or a folder read chunk by chunk with flat memory
     (x.npy and y.npy, or .npz shards with arrays x and y).
     """
-    doc = certify_document(
-        model_path,
-        lid_path,
-        data_ref,
-        ray_address=ray_address,
-        split=split,
-        data_dir=data_dir,
-        target=target,
-        beta=beta,
-        bound_kind=bound_kind,
-        method=method,
-    )
+    with memory_limit(max_memory, None):
+        doc = certify_document(
+            model_path,
+            lid_path,
+            data_ref,
+            ray_address=ray_address,
+            split=split,
+            data_dir=data_dir,
+            target=target,
+            beta=beta,
+            bound_kind=bound_kind,
+            method=method,
+        )
     if as_json:
         emit_json(doc)
     else:

@@ -64,9 +64,13 @@ def read_model(path: Path) -> onnx.ModelProto:
             tensors breaks a limit of `verifier.onnx.limits` (too large, dims that disagree
             with the bytes stored, external data outside the model's folder, missing or short).
     """
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte
+        raise GraphError(f"{path}: cannot be opened ({one_line(err, 120)})") from None
+    if not exists:
         raise GraphError(f"{path}: no such file; check the model path")
-    if not path.is_file():
+    if not is_file:
         raise GraphError(f"{path}: not a file; give the path of an .onnx model")
     if path.stat().st_size == 0:
         raise GraphError(f"{path}: the file is empty; re-export the model")

@@ -37,7 +37,7 @@ from verifier.report.artifacts import (
     load_crosscheck,
 )
 from verifier.search import SearchResult
-from verifier.spec import DataSection, Spec, spec_hash
+from verifier.spec import DataSection, Spec, map_paths, spec_hash
 
 if TYPE_CHECKING:
     from verifier.pipeline import PreparedTask
@@ -130,37 +130,13 @@ def resolve_recorded(recorded: str, folder: Path) -> Path:
     return folder / recorded
 
 
-def _portable_data(data: DataSection | None, folder: Path) -> DataSection | None:
-    if data is None:
-        return None
-    updates: dict[str, Any] = {}
-    if data.name.endswith(".npz"):
-        updates["name"] = relative_path(data.name, folder)
-    if data.data_dir is not None:
-        updates["data_dir"] = relative_path(data.data_dir, folder)
-    return data.model_copy(update=updates) if updates else data
-
-
 def portable_spec(spec: Spec, folder: Path) -> Spec:
     """The spec with its paths relative to `folder`: the spec as a file saved there would read.
 
     The inverse of `verifier.spec.resolve_paths`: `resolve_paths(portable_spec(s, f), f)`
     names the same files as `s` (whose paths are absolute, as `load_spec` makes them).
     """
-    tasks = tuple(t.model_copy(update={"data": _portable_data(t.data, folder)}) for t in spec.tasks)
-    importance = spec.search.importance
-    importance = importance.model_copy(
-        update={"lookahead": _portable_data(importance.lookahead, folder)}
-    )
-    return spec.model_copy(
-        update={
-            "model": relative_path(spec.model, folder),
-            "data": _portable_data(spec.data, folder),
-            "tasks": tasks,
-            "outer_box": None if spec.outer_box is None else relative_path(spec.outer_box, folder),
-            "search": spec.search.model_copy(update={"importance": importance}),
-        }
-    )
+    return map_paths(spec, lambda value: relative_path(value, folder))
 
 
 def software_extras() -> dict[str, str]:

@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from verifier.data import Dataset, load_dataset, validate_for_model
-from verifier.errors import GraphError
 from verifier.files import file_sha256
 from verifier.graph import (
     Activation,
@@ -193,9 +192,7 @@ def inspect_model(
         DataError: the data set is missing, malformed or does not fit the model.
     """
     path = Path(model_path)
-    if not path.is_file():
-        raise GraphError(f"{path}: model file not found; expected an .onnx file")
-    graph = load_graph(path)
+    graph = load_graph(path)  # says what is wrong with the path: missing, a folder, unopenable
     summary: dict[str, Any] = {
         "model_path": str(path),
         "model_sha256": file_sha256(path),

@@ -31,9 +31,11 @@ import torch
 from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds
+from verifier.bounds.margins import MarginBounds
 from verifier.certify import empirical_metric
 from verifier.domains.box import Box
 from verifier.graph import Graph
+from verifier.search.chunked import chunked_soft_metric
 from verifier.search.dual import (
     DualState,
     SearchTask,
@@ -45,7 +47,7 @@ from verifier.search.dual import (
 from verifier.search.float32 import down_float32, inward_float32
 from verifier.search.results import Checkpoint, SearchResult, SearchStep
 from verifier.search.shrink import shrink_to_feasible
-from verifier.search.surrogate import guide_bounds, soft_metric
+from verifier.search.surrogate import guide_bounds, search_plan, soft_metric
 from verifier.spec import SearchSection
 
 
@@ -140,18 +142,31 @@ def _soft_and_hard(
     iteration: int,
 ) -> tuple[Tensor, float]:
     xb, yb = task.x[idx], task.y[idx]
-    if config.bound == "midrad":
-        bounds = margin_bounds(graph, lower, upper, xb, yb, rule="midrad")
-    else:
-        bounds = guide_bounds(
-            graph,
+    linear = uses_linear(config, iteration)
+    plan = search_plan(graph, samples=xb.shape[0], linear=linear, options=config.linear)
+
+    def bounds_of(
+        low: Mapping[str, Tensor], up: Mapping[str, Tensor], x: Tensor, y: Tensor
+    ) -> MarginBounds:
+        if config.bound == "midrad":
+            return margin_bounds(graph, low, up, x, y, rule="midrad")
+        return guide_bounds(
+            graph, low, up, x, y, linear=linear, options=config.linear, max_rows=plan.rows
+        )
+
+    if plan.samples < xb.shape[0]:  # issue 21: the batch does not fit one pass's budget
+        soft, certified = chunked_soft_metric(
+            bounds_of,
             lower,
             upper,
             xb,
             yb,
-            linear=uses_linear(config, iteration),
-            options=config.linear,
+            metric=task.metric,
+            temperature=config.temperature,
+            chunk=plan.samples,
         )
+        return soft, empirical_metric(certified, yb, task.metric)
+    bounds = bounds_of(lower, upper, xb, yb)
     soft = soft_metric(bounds.lower, yb, task.metric, config.temperature)
     return soft, empirical_metric(bounds.certified(), yb, task.metric)
 

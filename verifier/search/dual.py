@@ -19,7 +19,7 @@ from verifier.certify import CertMethod, Metric, certify_samples, empirical_metr
 from verifier.domains.box import Box
 from verifier.domains.zonotope import Zonotope
 from verifier.graph import Graph
-from verifier.search.surrogate import guide_bounds
+from verifier.search.surrogate import guide_bounds, search_plan
 from verifier.spec import SearchSection
 
 LR_SCALE_RANGE = (1e-1, 1e2)
@@ -88,6 +88,8 @@ def _guide_mask(
 ) -> Tensor:
     """Float32 certified mask (no rounding allowance): a fast, unproved guide."""
     box32 = box.to(torch.float32, x.device)
+    plan = search_plan(graph, samples=chunk_size, linear=method != "ibp", grad=False)
+    chunk_size = plan.samples
     with torch.no_grad():
         masks = [
             guide_bounds(
@@ -97,6 +99,7 @@ def _guide_mask(
                 x[i : i + chunk_size].to(torch.float32),
                 y[i : i + chunk_size].to(x.device),
                 linear=method != "ibp",
+                max_rows=plan.rows,
             ).certified()
             for i in range(0, x.shape[0], chunk_size)
         ]

@@ -13,6 +13,7 @@ from torch import Tensor
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.linear import linear_margin_bounds
 from verifier.bounds.margins import MarginBounds, combine_margin_bounds
+from verifier.bounds.memory import PassPlan, bound_pass_cost, current_memory_budget, plan_pass
 from verifier.certify import Metric
 from verifier.graph import Graph
 from verifier.spec import LinearBoundSection
@@ -27,9 +28,11 @@ def guide_bounds(
     *,
     linear: bool,
     options: LinearBoundSection | None = None,
+    max_rows: int | None = None,
 ) -> MarginBounds:
     """Margin bounds in the search's dtype without rounding allowance: intervals, or per entry
-    the tighter of intervals and linear bounds (`verifier.bounds.linear`). Differentiable."""
+    the tighter of intervals and linear bounds (`verifier.bounds.linear`; `max_rows`: margin
+    rows per back-substitution group, the same bounds). Differentiable."""
     ibp = margin_bounds(graph, lower, upper, x, y)
     if not linear:
         return ibp
@@ -47,6 +50,7 @@ def guide_bounds(
         intermediate=options.intermediate,
         slopes=options.slopes,
         classes=classes,
+        max_rows=max_rows,
     )
     return combine_margin_bounds(ibp, lin)
 
@@ -62,3 +66,29 @@ def soft_metric(margin_lower: Tensor, y: Tensor, metric: Metric, temperature: fl
     if metric == "accuracy":
         return prob.mean()
     return torch.stack([prob[y == c].mean() for c in torch.unique(y)]).mean()
+
+
+def search_plan(
+    graph: Graph,
+    *,
+    samples: int,
+    linear: bool,
+    options: LinearBoundSection | None = None,
+    grad: bool = True,
+) -> PassPlan:
+    """Samples per float32 guide pass (at most `samples`) and margin rows per group that fit
+    the current memory budget (`verifier.bounds.memory`; no budget: all at once)."""
+    budget = current_memory_budget()
+    if budget is None:
+        return PassPlan(samples)
+    options = options or LinearBoundSection()
+    cost = bound_pass_cost(
+        graph,
+        "best" if linear else "ibp",
+        dtype=torch.float32,
+        grad=grad,
+        intermediate=options.intermediate,
+        slopes=options.slopes,
+        classes=options.classes,
+    )
+    return plan_pass(cost, budget, samples=samples)

@@ -69,7 +69,8 @@ def find_certificate(lid_path: Path, lid: LidFile) -> CertificateInfo:
             doc = json.loads(cert_path.read_text(encoding="utf-8"))
             named = doc["lid"]["sha256"]
             tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in doc["tasks"]]
-        except (ValueError, KeyError, TypeError):
+            _check_tasks(tasks)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             note = f"{cert_path} is not a readable certificate"
         else:
             if named == file_sha256(lid_path):
@@ -80,9 +81,24 @@ def find_certificate(lid_path: Path, lid: LidFile) -> CertificateInfo:
     try:
         stored = json.loads(lid.metadata.get("certificate", "[]"))
         tasks = [{k: t.get(k) for k in _TASK_KEYS} for t in stored]
-    except (ValueError, AttributeError, TypeError):
+        _check_tasks(tasks)
+    except (ValueError, AttributeError, TypeError, RecursionError):
         tasks = []
+        note = note or f"{lid_path}: the certificate in its metadata is malformed"
     return CertificateInfo(None, None, _verdict(tasks), tuple(tasks), note)
+
+
+def _check_tasks(tasks: Sequence[dict[str, Any]]) -> None:
+    """Raise TypeError unless every task entry has the types a report prints (issue 23)."""
+    for task in tasks:
+        numbers = [task[k] for k in ("target", "beta", "lower_bound")]
+        counts = [task[k] for k in ("k", "n")]
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+            raise TypeError("target, beta and lower_bound must be numbers")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+            raise TypeError("k and n must be integers")
+        if not isinstance(task["holds"], bool):
+            raise TypeError("holds must be true or false")
 
 
 def _verdict(tasks: Sequence[dict[str, Any]]) -> str:

@@ -1,0 +1,128 @@
+"""Benchmark grids on Ray (issue 22, point 2): the same raw results as the process pool.
+
+Each grid script (`benchmarks/split_mnist.py`, `split_cifar.py`, `heads.py`) runs a tiny grid
+on its process pool and with `--ray local`, which inside the module's shared local Ray instance
+(`num_cpus=2`, stopped at the end) joins it; the raw results (accuracy matrices, certificates,
+LID boxes, fine-tuning scores) must be equal, everything but the timings compared with `==`.
+Split-CIFAR and the heads run on synthetic features (no encoder, no feature cache).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    """One local Ray instance for the module; stopped afterwards."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _untimed(value: Any) -> Any:
+    """The raw results without their timings (wall, CPU and search seconds)."""
+    if isinstance(value, dict):
+        return {k: _untimed(v) for k, v in value.items() if not k.endswith("seconds")}
+    if isinstance(value, list):
+        return [_untimed(v) for v in value]
+    return value
+
+
+def _grid_runs(bench: Any, tmp_path: Path, argv: list[str]) -> tuple[dict, dict]:
+    """The raw JSON of the grid on the pool (2 workers) and on Ray."""
+    saved = []
+    for name, where in (("pool", ["--workers", "2"]), ("ray", ["--ray", "local"])):
+        out, raw = tmp_path / f"{name}.md", tmp_path / f"{name}.json"
+        extra = ["--out", str(out), "--plots", str(tmp_path / f"{name}-plots"), "--raw", str(raw)]
+        assert bench.main([*argv, *where, *extra]) == 0
+        saved.append(json.loads(raw.read_text(encoding="utf-8")))
+    return saved[0], saved[1]
+
+
+@pytest.mark.timeout(120)
+def test_split_mnist_grid_on_ray_equals_the_pool(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _benchmark("split_mnist", monkeypatch)
+    pool, on_ray = _grid_runs(bench, tmp_path, ["--tiny", "--scenarios", "class"])
+    assert ray.is_initialized()  # joined the shared instance, left it running
+    methods = [r["method"] for r in pool["results"]]
+    assert methods == [r["method"] for r in on_ray["results"]]  # same order
+    assert len(methods) == 9 and "LID 10-way loss" in methods and "SI" in methods
+    assert _untimed(on_ray["results"]) == _untimed(pool["results"])
+    lid = next(r for r in on_ray["results"] if r["method"] == "LID")
+    assert "certified" in lid and len(lid["matrix"]) == 2  # certificates were compared too
+    assert on_ray["workers"] == 2  # the cluster's CPUs
+
+
+@pytest.mark.timeout(120)
+def test_split_cifar_grid_on_ray_equals_the_pool(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _benchmark("split_cifar", monkeypatch)
+    pool, on_ray = _grid_runs(bench, tmp_path, ["--tiny", "--scenarios", "domain", "class"])
+    assert len(pool["results"]) == len(on_ray["results"]) == 5 + 6
+    assert _untimed(on_ray["results"]) == _untimed(pool["results"])
+    assert sum("certified" in r for r in on_ray["results"]) == 2 + 3  # the LID variants
+
+
+def _lid_fields(info: Any) -> tuple:
+    box = info.box
+    tensors = tuple(box.lower[n] for n in box.names) + tuple(box.upper[n] for n in box.names)
+    return replace(info, box=None, seconds=0.0), tensors
+
+
+@pytest.mark.timeout(120)
+def test_heads_stages_on_ray_equal_the_pool(
+    cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The synthetic heads experiment: its LIDs and fine-tunings on the pool and on Ray."""
+    bench = _benchmark("heads", monkeypatch)
+    outcomes = []
+    for name, stage in (("pool", bench.on_pool(2)), ("ray", bench.on_ray)):
+        argv = ["--experiment", "synthetic", "--epochs", "10", "--lr", "0.1"]
+        args = bench.parse_args([*argv, "--work-dir", str(tmp_path / name)])
+        experiment = bench.synthetic_experiment(tmp_path / "data")
+        outcomes.append(bench.run_experiment(experiment, args, stage))
+    pool, on_ray = outcomes
+    assert [replace(r, seconds=0.0) for r in on_ray.rows] == [
+        replace(r, seconds=0.0) for r in pool.rows
+    ]
+    assert len(pool.rows) == 2 * 6  # two Task 2s: start, plain, EWC x2, LID, look-ahead
+    start = {r.task: r.task2 for r in pool.rows if r.method == "Task-1 head (start)"}
+    plain = {r.task: r.task2 for r in pool.rows if r.method == "plain fine-tuning"}
+    assert plain != start  # the fine-tuning moved the head
+    infos = [(pool.base, on_ray.base)]
+    infos += [(pool.lookahead[n], on_ray.lookahead[n]) for n in pool.lookahead]
+    for a, b in infos:
+        fields_a, tensors_a = _lid_fields(a)
+        fields_b, tensors_b = _lid_fields(b)
+        assert fields_a == fields_b
+        assert all(torch.equal(x, y) for x, y in zip(tensors_a, tensors_b, strict=True))
