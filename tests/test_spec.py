@@ -44,6 +44,13 @@ def test_committed_spec_loads_with_paths_resolved(name: str) -> None:
     assert spec.data.name == "digits"
 
 
+def test_cifar_cnn_spec_boxes_everything_and_holds_out_half() -> None:
+    spec = load_spec(SPECS / "cifar_cnn.yaml")  # the model itself is rebuilt by a script
+    assert Path(spec.model) == (ROOT / "onnx_models" / "cifar_cnn.onnx").resolve()
+    assert spec.parameters == "all" and spec.data.name == "cifar10"
+    assert spec.certify.certification_fraction == 0.5 and spec.search.size == "layer_log_width"
+
+
 def test_reference_spec_reloads_from_its_own_dump(tmp_path: Path) -> None:
     spec = load_spec(REFERENCE)
     copy = tmp_path / "copy.yaml"
