@@ -39,6 +39,8 @@ from verifier.pipeline import run_lid
 from verifier.spec import load_spec
 
 ray = pytest.importorskip("ray")
+# a Ray call that never returns fails the test instead of holding CI (pytest-timeout)
+pytestmark = pytest.mark.timeout(600)
 
 QUICK = FalsifierConfig(n_uniform=8, n_vertex=8, pgd_steps=5, pgd_restarts=0)
 
@@ -58,7 +60,7 @@ def one_torch_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """One local Ray instance for the module; stopped afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

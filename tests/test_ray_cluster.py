@@ -30,6 +30,8 @@ from verifier.domains.io import save_lid
 from verifier.onnx.importer import load_graph
 
 pytest.importorskip("ray")
+# a Ray call that never returns fails the test instead of holding CI (pytest-timeout)
+pytestmark = pytest.mark.timeout(600)
 BIN = Path(sys.executable).parent
 
 

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 ray = pytest.importorskip("ray")
+# a Ray call that never returns fails the test instead of holding CI (pytest-timeout)
+pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
     """One local Ray instance for the module; stopped afterwards."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

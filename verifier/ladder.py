@@ -55,8 +55,7 @@ class Rung:
     @property
     def mean_width(self) -> float:
         """Mean width over every entry (of the interval hull for a zonotope)."""
-        box = self.domain.interval_hull() if isinstance(self.domain, Zonotope) else self.domain
-        return box.size("mean_width")
+        return self.domain.interval_hull().size("mean_width")
 
 
 @dataclass(frozen=True, eq=False)
@@ -254,7 +253,7 @@ def unreachable_message(
 def lid_warnings(domain: Box | Zonotope, ladder: LadderResult) -> list[str]:
     """What a reader must not miss: a LID of zero width, a ladder with no candidate holding."""
     warnings = []
-    box = domain.interval_hull() if isinstance(domain, Zonotope) else domain
+    box = domain.interval_hull()
     if box.size("mean_width") == 0.0:
         warnings.append(
             "the LID has zero width: it is the current weights alone, so no update can move "

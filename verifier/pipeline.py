@@ -296,8 +296,7 @@ def open_ladder(
         return [certify_prepared(graph, candidate, t, spec, method=method) for t in tasks]
 
     def size(candidate: Box | Zonotope) -> float:
-        box = candidate.interval_hull() if isinstance(candidate, Zonotope) else candidate
-        return box.size(spec.search.size)
+        return candidate.interval_hull().size(spec.search.size)
 
     def on_rung(search: int, scale: float) -> None:
         phase(
@@ -415,7 +414,7 @@ def _run_lid(
     frozen = _frozen_masks(spec, graph, names)
     n_searched = sum(graph.parameters[n].numel() for n in names)
     theta0 = {n: graph.parameters[n] for n in names}
-    searches = sorted({j: None for t in tasks for j in range(len(t.search_targets))})
+    searches = range(max(len(t.search_targets) for t in tasks))
     sequence = open_ladder(graph, theta0, tasks, spec, outer, phase)
     results: dict[int, SearchResult] = {}
     for j in searches:
@@ -441,8 +440,7 @@ def _run_lid(
             graph, domain, [t.search for t in tasks], method=proof_method(spec.search)
         )
         feasible = all(h >= t.search_target for h, t in zip(hard, tasks, strict=True))
-        kept = domain.interval_hull() if isinstance(domain, Zonotope) else domain
-        result = replace(result, box=kept, hard=hard, feasible=feasible)
+        result = replace(result, box=domain.interval_hull(), hard=hard, feasible=feasible)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_sha = file_sha256(model_path)
     metadata = {

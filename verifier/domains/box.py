@@ -112,6 +112,11 @@ class Box:
                 lower[name], upper[name] = lo, outer.upper[name]
         return Box(lower, upper)
 
+    def interval_hull(self) -> Box:
+        """The box itself: a box is its own interval hull (as `Zonotope.interval_hull`), so
+        code that needs a box from either domain calls `domain.interval_hull()`."""
+        return self
+
     def scaled(self, centre: Mapping[str, Tensor], factor: float) -> Box:
         """Shrink (factor < 1) or grow the box toward/away from `centre` (which it contains)."""
         lower, upper = {}, {}

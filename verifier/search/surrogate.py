@@ -32,7 +32,7 @@ def guide_bounds(
 ) -> MarginBounds:
     """Margin bounds in the search's dtype without rounding allowance: intervals, or per entry
     the tighter of intervals and linear bounds (`verifier.bounds.linear`; `max_rows`: margin
-    rows per back-substitution group, the same bounds). Differentiable."""
+    rows per back-substitution group, equal up to rounding). Differentiable."""
     ibp = margin_bounds(graph, lower, upper, x, y)
     if not linear:
         return ibp

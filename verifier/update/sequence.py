@@ -105,7 +105,7 @@ def check_inside(domain: Box | Zonotope, outer: OuterLid) -> None:
     Raises:
         SoundnessError: some parameter interval leaves the outer box.
     """
-    box = domain.interval_hull() if isinstance(domain, Zonotope) else domain
+    box = domain.interval_hull()
     for name, lo in box.lower.items():
         up = box.upper[name]
         if name not in outer.box.lower:
