@@ -7,10 +7,11 @@ bound pass does not depend on the values), CIFAR-shaped inputs (3x32x32, random 
 * CNN: the issue-21 architecture (scripts/train_cifar_cnn.py) with its channels and dense width
   multiplied by m: conv 3->4m->8m->16m (strided), dense 16m·64 -> 64m -> 10.
 
-Per network, each in a fresh process (so the peak resident memory is its own): seconds per
-search step (the search's guide bounds on a batch of 100, float32, soft loss, backward to both
-corners) with interval bounds and with linear bounds on 2 classes per sample; float64 interval
-certification seconds per 1,000 samples; the peak resident set (ru_maxrss) of the process.
+Per network and phase, each in a fresh process (so the peak resident memory is that phase's):
+seconds per search step (the search's guide bounds on a batch of 100, float32, soft loss,
+backward to both corners) with interval bounds and with linear bounds on 2 classes per sample;
+float64 interval certification of 1,000 samples; the resident set after loading the model and
+inputs, and the peak resident set (ru_maxrss) of each phase's process.
 Then the fitted growth t ∝ p^a (least squares on log-log). Prints Markdown.
 
 Run:  .venv/bin/python benchmarks/scaling.py
@@ -75,8 +76,13 @@ def build(kind: str, size: int, path: Path) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def measure(path: Path) -> dict[str, float]:
-    """One network's figures (run in its own process by `main`)."""
+def measure(path: Path, phase: str) -> dict[str, float]:
+    """One network's figures for one phase (run in its own process by `main`, so the peak
+    resident set is that phase's: `base_mib` after loading the model and the inputs,
+    `peak_mib` at the end).
+
+    Phases: "ibp" and "linear" (seconds per search step, batch 100, best of 3), "certify"
+    (float64 interval certification of 1,000 samples, in seconds)."""
     import torch
 
     from verifier import load_model
@@ -87,33 +93,37 @@ def measure(path: Path) -> dict[str, float]:
 
     graph = load_model(path)
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(100, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (100,), generator=gen)
+    n = 1000 if phase == "certify" else 100
+    x = torch.rand(n, 3, 32, 32, generator=gen)
+    y = torch.randint(0, 10, (n,), generator=gen)
     theta = graph.parameters
-
-    def step(linear: bool) -> float:
+    base_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if phase == "certify":
+        box = Box(
+            {n: t - 0.01 * t.abs() for n, t in theta.items()},
+            {n: t + 0.01 * t.abs() for n, t in theta.items()},
+        )
+        start = time.perf_counter()
+        certify_samples(graph, box, x, y, method="ibp")
+        seconds = time.perf_counter() - start
+    else:
         lower = {n: (t - 0.01 * t.abs()).requires_grad_() for n, t in theta.items()}
         upper = {n: (t + 0.01 * t.abs()).requires_grad_() for n, t in theta.items()}
         options = LinearBoundSection(classes=2)
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            bounds = guide_bounds(graph, lower, upper, x, y, linear=linear, options=options)
+            bounds = guide_bounds(
+                graph, lower, upper, x, y, linear=phase == "linear", options=options
+            )
             torch.sigmoid(bounds.lower.clamp(max=50.0)).sum().backward()
             times.append(time.perf_counter() - start)
-        return min(times)
-
-    box = Box(
-        {n: t - 0.01 * t.abs() for n, t in theta.items()},
-        {n: t + 0.01 * t.abs() for n, t in theta.items()},
-    )
-    ibp_step = step(False)
-    linear_step = step(True)
-    start = time.perf_counter()
-    certify_samples(graph, box, x, y, method="ibp")
-    certify = (time.perf_counter() - start) * 10.0  # per 1,000 samples
+        seconds = min(times)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ibp_step": ibp_step, "linear_step": linear_step, "certify": certify, "peak": peak_mib}
+    return {"seconds": seconds, "base_mib": base_mib, "peak_mib": peak_mib}
+
+
+PHASES = ("ibp", "linear", "certify")
 
 
 def slope(ps: list[int], ts: list[float]) -> float:
@@ -127,44 +137,55 @@ def slope(ps: list[int], ts: list[float]) -> float:
 
 
 def main() -> None:
-    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
-        print(json.dumps(measure(Path(sys.argv[2]))))
+    if len(sys.argv) == 4 and sys.argv[1] == "--measure":
+        print(json.dumps(measure(Path(sys.argv[2]), sys.argv[3])))
         return
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 100\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     with tempfile.TemporaryDirectory() as tmp:
         for kind, sizes in (("mlp", MLP_WIDTHS), ("cnn", CNN_MULTIPLIERS)):
             print(f"### {kind.upper()} family\n")
             print(
                 "| size | parameters | IBP search step s | linear search step s (2 classes) "
-                "| float64 IBP certification s / 1,000 samples | peak RSS MiB |"
+                "| float64 IBP certification s / 1,000 samples | model + inputs MiB "
+                "| peak MiB: IBP step / linear step / certification of 1,000 |"
             )
-            print("|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             rows = []
             for size in sizes:
                 path = Path(tmp) / f"{kind}_{size}.onnx"
                 p = build(kind, size, path)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--measure", str(path)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    cwd=ROOT,
-                )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = {}
+                for phase in PHASES:
+                    out = subprocess.run(
+                        [sys.executable, __file__, "--measure", str(path), phase],
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                        cwd=ROOT,
+                    )
+                    r[phase] = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append((p, r))
+                base = min(r[phase]["base_mib"] for phase in PHASES)
+                peaks = " / ".join(f"{r[phase]['peak_mib']:.0f}" for phase in PHASES)
                 print(
-                    f"| {size} | {p:,} | {r['ibp_step']:.4f} | {r['linear_step']:.4f} | "
-                    f"{r['certify']:.3f} | {r['peak']:.0f} |",
+                    f"| {size} | {p:,} | {r['ibp']['seconds']:.4f} | "
+                    f"{r['linear']['seconds']:.4f} | {r['certify']['seconds']:.3f} | "
+                    f"{base:.0f} | {peaks} |",
                     flush=True,
                 )
             ps = [p for p, _ in rows]
-            fits = {k: slope(ps, [r[k] for _, r in rows]) for k in ("ibp_step", "linear_step")}
-            fits["certify"] = slope(ps, [r["certify"] for _, r in rows])
+            fits = {ph: slope(ps, [r[ph]["seconds"] for _, r in rows]) for ph in PHASES}
+            grow = {
+                ph: slope(ps, [max(r[ph]["peak_mib"] - r[ph]["base_mib"], 1.0) for _, r in rows])
+                for ph in PHASES
+            }
             print(
-                f"\nfitted t ∝ p^a: IBP step a = {fits['ibp_step']:.2f}, linear step a = "
-                f"{fits['linear_step']:.2f}, certification a = {fits['certify']:.2f}\n"
+                f"\nfitted t ∝ p^a: IBP step a = {fits['ibp']:.2f}, linear step a = "
+                f"{fits['linear']:.2f}, certification a = {fits['certify']:.2f}; memory above "
+                f"model + inputs ∝ p^b: IBP step b = {grow['ibp']:.2f}, linear step b = "
+                f"{grow['linear']:.2f}, certification b = {grow['certify']:.2f}\n"
             )
 
 

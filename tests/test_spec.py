@@ -51,6 +51,20 @@ def test_cifar_cnn_spec_boxes_everything_and_holds_out_half() -> None:
     assert spec.certify.certification_fraction == 0.5 and spec.search.size == "layer_log_width"
 
 
+def test_cifar_cnn_variants_differ_from_the_whole_network_spec_only_where_they_say() -> None:
+    whole = load_spec(SPECS / "cifar_cnn.yaml")
+    linear = load_spec(SPECS / "cifar_cnn_linear.yaml")
+    head = load_spec(SPECS / "cifar_cnn_head.yaml")
+    assert linear.search.bound == "linear" and linear.certify.method == "best"
+    assert linear.search.linear.every == 4 and linear.search.linear.classes == 2
+    assert tuple(head.parameters) == ("head.3.*",) and head.search.size == "mean_width"
+    for variant in (linear, head):  # same model, task, τ rule and held-out half
+        assert variant.model == whole.model and variant.data == whole.data
+        assert variant.tasks == whole.tasks
+        assert variant.certify.certification_fraction == whole.certify.certification_fraction
+        assert variant.certify.beta == whole.certify.beta
+
+
 def test_reference_spec_reloads_from_its_own_dump(tmp_path: Path) -> None:
     spec = load_spec(REFERENCE)
     copy = tmp_path / "copy.yaml"
