@@ -1,9 +1,11 @@
 """What the continual-learning benchmarks (split_mnist.py, split_cifar.py) share in reporting.
 
-The raw JSON record of a LID sequence, the per-(scenario, method) summaries over seeds, the
-Markdown tables both scripts print, their accuracy-matrix and average-accuracy plots, and the
-small pieces of their command lines that agree (choosing methods, progress on stderr). What the
-two reports say differently (the paper's figures, titles, data set names) comes in as arguments.
+The raw JSON record of a LID sequence (the task pairs recorded per run), the per-(scenario,
+method) summaries over seeds (mean ± sample std and the 10th-90th percentile range, as the paper
+plots), the Markdown tables both scripts print, their accuracy-matrix and average-accuracy
+plots, and the small pieces of their command lines that agree (choosing methods, progress on
+stderr). What the two reports say differently (the paper's figures, titles, data set names)
+comes in as arguments.
 
 The scripts import this module as `cl_report` (a script's folder is first on sys.path); the
 tests, which load the scripts from their files, reach it as `benchmarks.cl_report`.
@@ -11,6 +13,7 @@ tests, which load the scripts from their files, reach it as `benchmarks.cl_repor
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -19,11 +22,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
+import numpy as np
 import torch
 
+from verifier.cl.buffers import BUFFER_SIZES
 from verifier.cl.lid_learner import LidConfig, LidRun, run_lid_sequence
 from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
 from verifier.cl.network import ContinualNetwork
+from verifier.cl.replay import ReplayConfig, ReplayRun, run_replay_sequence
 from verifier.cl.scenarios import SCENARIO_NAMES, Scenario, SplitTask
 from verifier.cl.training import FirstTask, Strategy, TrainConfig, run_sequence
 
@@ -58,9 +64,70 @@ def keep_methods(settings: SettingsT, methods: Sequence[str] | None) -> Settings
     )
 
 
+def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
+    """`--buffers SIZE ...`: also run the replay-buffer methods of these sizes."""
+    parser.add_argument(
+        "--buffers",
+        nargs="+",
+        choices=tuple(BUFFER_SIZES),
+        help="also run the replay-buffer methods of these sizes, 'LID buffer SIZE' (the paper's "
+        "replay protocol) and 'A-GEM buffer SIZE' (not run by default; --methods may name them)",
+    )
+
+
+def with_buffers(
+    settings: SettingsT, args: argparse.Namespace, results: Sequence[dict[str, Any]] = ()
+) -> SettingsT:
+    """The settings plus the buffer methods of every size that `--buffers` gives, `--methods`
+    names or the raw `results` hold: "LID buffer SIZE" (`verifier.cl.replay`, with the first
+    LID variant's search, boxes, τ and search data, and the Class-IL active-class loss) and
+    "A-GEM buffer SIZE" (A-GEM storing the same samples per task; the script's strategy
+    factory builds it as `AGEM(BUFFER_SIZES[SIZE])`)."""
+    named = set(getattr(args, "buffers", None) or [])
+    for method in [*(getattr(args, "methods", None) or []), *(r["method"] for r in results)]:
+        size = method.rsplit(" ", 1)[-1]
+        if " buffer " in method and size in BUFFER_SIZES:
+            named.add(size)
+    sizes = [size for size in BUFFER_SIZES if size in named]
+    if not sizes:
+        return settings
+    base = next(iter(settings.lid_variants.values()), LidConfig())
+    variants = dict(settings.lid_variants)
+    for size in sizes:
+        variants[f"LID buffer {size}"] = ReplayConfig.of(
+            base, BUFFER_SIZES[size], active_classes=True
+        )
+    baselines = (*settings.baselines, *(f"A-GEM buffer {size}" for size in sizes))
+    return replace(settings, lid_variants=variants, baselines=baselines)
+
+
 def log(message: str) -> None:
     """Progress and file names go to stderr; the Markdown goes to stdout."""
     print(message, file=sys.stderr, flush=True)
+
+
+PERCENTILES = (10.0, 90.0)
+"""The spread over seeds the tables and plots show beside mean ± std (the paper plots the
+10th-90th percentile range)."""
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The 10th and 90th percentiles of a few runs' values (numpy's linear interpolation
+    between order statistics; one run: both equal its value)."""
+
+    low: float
+    high: float
+
+    def format(self, digits: int = 2) -> str:
+        """``0.64–0.71``."""
+        return f"{self.low:.{digits}f}–{self.high:.{digits}f}"
+
+
+def spread(values: Sequence[float]) -> Spread:
+    """The `PERCENTILES` of `values` (at least one value)."""
+    low, high = np.percentile(np.asarray(values, dtype=np.float64), PERCENTILES)
+    return Spread(float(low), float(high))
 
 
 # ---- raw results ----------------------------------------------------------------------
@@ -100,6 +167,32 @@ def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
     }
 
 
+def replay_record(run: ReplayRun, config: ReplayConfig) -> dict[str, Any]:
+    """The raw JSON of a replay run's buffer protocol: the size, each task's buffer samples in
+    use at the end, and every round (buffer sizes, τ of the previous tasks, their proved rates
+    on the buffers, the current task's accuracy, the gain and the loosened task)."""
+    return {
+        "size": config.buffer.name,
+        "per_task": list(config.buffer.per_task),
+        "repeats": config.buffer.repeats,
+        "in_use": [int(i.numel()) for i in run.buffer_indices],
+        "rounds": [
+            {
+                "task": r.task,
+                "round": r.round,
+                "buffer_sizes": list(r.buffer_sizes),
+                "targets": list(r.targets),
+                "rates": list(r.rates),
+                "accuracy": r.accuracy,
+                "gain": r.gain,
+                "loosened": r.loosened,
+                "seconds": r.seconds,
+            }
+            for r in run.rounds
+        ],
+    }
+
+
 def job_record(
     scenario: Scenario,
     seed: int,
@@ -117,7 +210,8 @@ def job_record(
     (and for a LID learner its certificates, `lid_record`), wall and CPU seconds.
 
     Args:
-        learner: the LID variant's settings, or a fresh baseline strategy.
+        learner: the LID variant's settings (a `ReplayConfig`: the replay-buffer protocol),
+            or a fresh baseline strategy.
         first: the shared first-task training to resume from (None: train it here).
         counts: also record each task's train / test sizes and each certificate's [k, n].
     """
@@ -127,7 +221,13 @@ def job_record(
     if counts:
         out["n_train"] = [int(t.x_train.shape[0]) for t in tasks]
         out["n_test"] = [int(t.x_test.shape[0]) for t in tasks]
-    if isinstance(learner, LidConfig):
+    if isinstance(learner, ReplayConfig):  # a LidConfig too: the buffer protocol first
+        replay = run_replay_sequence(
+            model, tasks, train, learner, generator, scenario=scenario, first=first
+        )
+        out.update(lid_record(replay, counts=counts))
+        out["buffer"] = replay_record(replay, learner)
+    elif isinstance(learner, LidConfig):
         run = run_lid_sequence(model, tasks, train, learner, generator, first=first)
         out.update(lid_record(run, counts=counts))
     else:
@@ -141,10 +241,11 @@ def job_record(
 def summarise(results: list[dict[str, Any]]) -> Summaries:
     """Mean ± sample std over seeds of every (scenario, method) in the raw results.
 
-    Every method: final average accuracy, the average-accuracy curve, forgetting, backward
-    transfer, the mean accuracy matrix and the summed job seconds. LIDs also: certified final
-    (mean of the last row), diagonal, curve and last row; how many runs and certificates meet τ;
-    τ, box width and frozen fraction per task; summed search seconds.
+    Every method: final average accuracy (with its 10th-90th percentile `Spread`), the
+    average-accuracy curve (with its spread per task), forgetting, backward transfer, the mean
+    accuracy matrix, the seeds and the summed job seconds. LIDs also: certified final (mean of
+    the last row, with its spread), diagonal, curve and last row; how many runs and
+    certificates meet τ; τ, box width and frozen fraction per task; summed search seconds.
     """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
@@ -153,10 +254,14 @@ def summarise(results: list[dict[str, Any]]) -> Summaries:
     for key, runs in groups.items():
         mats = [torch.tensor(r["matrix"], dtype=torch.float64) for r in runs]
         avgs = [average_accuracy(m) for m in mats]
+        finals = [float(a[-1]) for a in avgs]
         summary: dict[str, Any] = {
             "n": len(runs),
-            "final": mean_std([float(a[-1]) for a in avgs]),
+            "seeds": sorted({r["seed"] for r in runs}),
+            "final": mean_std(finals),
+            "final_spread": spread(finals),
             "curve": [mean_std([float(a[t]) for a in avgs]) for t in range(len(avgs[0]))],
+            "curve_spread": [spread([float(a[t]) for a in avgs]) for t in range(len(avgs[0]))],
             "forgetting": mean_std([forgetting(m) for m in mats]),
             "bwt": mean_std([backward_transfer(m) for m in mats]),
             "matrix": torch.stack(mats).mean(0),
@@ -171,7 +276,9 @@ def summarise(results: list[dict[str, Any]]) -> Summaries:
                 for r in runs
             ]
             n = len(certs[0])
-            summary["certified_final"] = mean_std([float(c[-1].mean()) for c in certs])
+            certified_finals = [float(c[-1].mean()) for c in certs]
+            summary["certified_final"] = mean_std(certified_finals)
+            summary["certified_final_spread"] = spread(certified_finals)
             summary["certified_diag"] = mean_std([float(c.diagonal().mean()) for c in certs])
             summary["certified_curve"] = [
                 mean_std([float(c[t, : t + 1].mean()) for c in certs]) for t in range(n)
@@ -209,31 +316,40 @@ def final_accuracy_table(
     scenarios: Sequence[Scenario],
     paper: Callable[[str, str, bool], str],
 ) -> list[str]:
-    """Final average accuracy per method and scenario, certified in brackets, beside the paper.
+    """Final average accuracy per method and scenario, certified in brackets, beside the paper:
+    per scenario mean ± sample std over seeds, the 10th-90th percentile range over seeds, and
+    the paper's figure.
 
     Args:
         summaries: from `summarise`.
         methods: the rows, in order.
-        scenarios: the column pairs, in order.
+        scenarios: the column triples, in order.
         paper: the paper column's cell for (method, scenario, whether the results hold it).
     """
     lines = [
         "### Final average accuracy (LID: held-out certified lower bound in brackets)",
         "",
-        "| method | " + " | ".join(f"{SCENARIO_NAMES[s]} | paper" for s in scenarios) + " |",
-        "|---|" + "---|---|" * len(scenarios),
+        "Mean ± sample std over seeds, then the 10th–90th percentile over seeds (linear "
+        "interpolation between the order statistics).",
+        "",
+        "| method | "
+        + " | ".join(f"{SCENARIO_NAMES[s]} | 10th–90th pct. | paper" for s in scenarios)
+        + " |",
+        "|---|" + "---|---|---|" * len(scenarios),
     ]
     for method in methods:
         cells = []
         for s in scenarios:
             summary = summaries.get((s, method))
             if summary is None:
-                cells += ["–", paper(method, s, False)]
+                cells += ["–", "–", paper(method, s, False)]
                 continue
             cell = summary["final"].format()
+            range_cell = summary["final_spread"].format()
             if "certified_final" in summary:
                 cell += f" ({summary['certified_final'].format()})"
-            cells += [cell, paper(method, s, True)]
+                range_cell += f" ({summary['certified_final_spread'].format()})"
+            cells += [cell, range_cell, paper(method, s, True)]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return lines
 
@@ -386,6 +502,12 @@ class PlotStyle:
     subtitle: str = ""
 
 
+def _seed_count(summaries: Summaries, scenario: str, methods: Sequence[str]) -> str:
+    """The number of seeds behind a scenario's summaries ("a-b" when methods differ)."""
+    counts = sorted({summaries[(scenario, m)]["n"] for m in methods})
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def plot(
     results: list[dict[str, Any]], settings: RunSettings, folder: Path, style: PlotStyle
 ) -> list[Path]:
@@ -430,7 +552,7 @@ def plot(
         fig.suptitle(
             f"{style.dataset} {SCENARIO_NAMES[s]}: test accuracy on task j (column) after"
             + ("\n" if style.wrap_title else " ")
-            + f"training task t (row), mean of {len(settings.seeds)} seed(s)",
+            + f"training task t (row), mean of {_seed_count(summaries, s, present)} seed(s)",
             fontsize=10,
         )
         fig.tight_layout()
@@ -444,12 +566,11 @@ def plot(
         for method in present:
             summary = summaries[(s, method)]
             mean = [v.mean for v in summary["curve"]]
-            std = [v.std for v in summary["curve"]]
             (line,) = ax.plot(steps, mean, marker="o", label=method)
-            ax.fill_between(
+            ax.fill_between(  # the 10th-90th percentile band over seeds
                 steps,
-                [m - d for m, d in zip(mean, std, strict=True)],
-                [m + d for m, d in zip(mean, std, strict=True)],
+                [v.low for v in summary["curve_spread"]],
+                [v.high for v in summary["curve_spread"]],
                 color=line.get_color(),
                 alpha=0.15,
             )
@@ -478,7 +599,11 @@ def plot(
         ax.set_ylabel("average accuracy over tasks seen")
         ax.set_ylim(0, 1.02)
         ax.set_xticks(steps)
-        ax.set_title(f"{style.dataset} {SCENARIO_NAMES[s]}{style.subtitle}")
+        ax.set_title(
+            f"{style.dataset} {SCENARIO_NAMES[s]}{style.subtitle}: mean and 10th-90th "
+            f"percentile over {_seed_count(summaries, s, present)} seed(s)",
+            fontsize=9,
+        )
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -1,10 +1,24 @@
-"""Split-CIFAR-10 continual-learning benchmark on frozen EfficientNet-Lite0 features (issue 11).
+"""Split-CIFAR-10 continual learning on frozen EfficientNet-Lite0 features (issues 11, 20).
 
 A linear head (Linear(1280 -> 10), p = 12,810) is trained on cached EfficientNet-Lite0 features
-of CIFAR-10, five tasks of two classes (pairs drawn per seed, as Split-MNIST does), in Task-IL
-(multi-head: only the task's two logits compete), Domain-IL (shared two-way head = logits 0
-and 1; label = which class of the pair) and Class-IL (10-way). Per task Adam, lr 1e-3,
-5 epochs, batch 64. Methods, all on the same splits and the same first-task training:
+of CIFAR-10, five tasks of two classes, in Task-IL (multi-head: only the task's two logits
+compete), Domain-IL (shared two-way head = logits 0 and 1) and Class-IL (10-way). Two
+protocols (`--protocol`):
+
+* "paper" (the default; DESIGN.md section 5): the tasks split the 6 animal classes (2-7) and
+  the 4 vehicle classes (0, 1, 8, 9) into 5 chunks each, random per seed, so every task holds
+  an animal, four tasks pair an animal with a vehicle and one holds two animals
+  (`verifier.cl.scenarios.draw_animal_vehicle_pairs` gives the reading); Domain-IL label =
+  animal (0) vs vehicle (1), so the two-animal task has a single Domain-IL label, as in the
+  paper. Per task Adam, lr 0.02, 5 epochs, batch 128; seeds 0-14 (Task-IL: the first 11);
+  EWC λ = 1e6 with the Fisher from batches of 64 over the task's whole train split; LwF
+  λ = 0.1, T = 2. The baselines are the paper's (fine-tune, EWC, LwF) and joint training.
+* "issue11" (the earlier variant): free pairs drawn per seed, Domain-IL label = which class of
+  the pair; Adam lr 1e-3, 5 epochs, batch 64; seeds 0-2; EWC λ per scenario from `sweep-ewc`
+  (per-sample Fisher on 1,000 samples); LwF as in "paper".
+
+The tables give mean ± std and the 10th-90th percentile over seeds; the raw results record
+each run's pairs. Methods, all on the same splits and the same first-task training:
 
 * LID variants (`verifier.cl.lid_learner` with `LinearHead`, so the whole network is boxed):
   τ = task accuracy - 0.12 (accuracy on the search's data), LID_t inside LID_{t-1}, 200 search
@@ -15,7 +29,7 @@ and 1; label = which class of the pair) and Class-IL (10-way). Per task Adam, lr
   "train" is the Split-MNIST scheme (search and τ on the train features, certificate on the
   whole test split). `LID+look-ahead` freezes the half of the box least important (Fisher)
   for the next task's training data.
-* plain fine-tuning, EWC, and joint training (upper bound).
+* plain fine-tuning, EWC, LwF, and joint training (upper bound).
 
 Features (the encoder runs at ~10-80 images/s on a CPU, so they are computed once, never in
 CI; all 50,000 train images took 706 s on 2 idle cores): the test split is embedded exactly as
@@ -28,9 +42,10 @@ the subset's own pixels and labels, so another subset or encoder never reads a s
 
 Run:
   .venv/bin/python benchmarks/split_cifar.py embed [--per-class 0] [--split train|test]
-  .venv/bin/python benchmarks/split_cifar.py [--quick] [--seeds 0 1 2] [--per-class 0]
+  .venv/bin/python benchmarks/split_cifar.py [--quick] [--workers 2] [--per-class 0]
+  .venv/bin/python benchmarks/split_cifar.py --protocol issue11   # the earlier variant
   .venv/bin/python benchmarks/split_cifar.py --quick --ray local|auto|HOST:PORT  # Ray tasks
-  .venv/bin/python benchmarks/split_cifar.py sweep-ewc      # how EWC_STRENGTH was picked
+  .venv/bin/python benchmarks/split_cifar.py sweep-ewc      # how EWC_STRENGTH (issue11) was picked
   .venv/bin/python benchmarks/split_cifar.py export-head    # the head of the Task-1 spec
 Writes a Markdown table to stdout and to --out, plots to --plots, raw results to --raw.
 """
@@ -49,17 +64,31 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from verifier.cl.baselines import EWC, FineTune, Joint
+from verifier.cl.baselines import AGEM, EWC, FineTune, Joint, LwF
+from verifier.cl.buffers import BUFFER_SIZES
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import LinearHead
-from verifier.cl.scenarios import SCENARIO_NAMES, SCENARIOS, Scenario, draw_pairs, split_pairs
-from verifier.cl.training import FirstTask, Strategy, TrainConfig, train_first_task
+from verifier.cl.scenarios import (
+    SCENARIO_NAMES,
+    SCENARIOS,
+    Scenario,
+    draw_animal_vehicle_pairs,
+    draw_pairs,
+    split_pairs,
+)
+from verifier.cl.training import (
+    PAPER_CIFAR_TRAIN,
+    FirstTask,
+    Strategy,
+    TrainConfig,
+    train_first_task,
+)
 from verifier.data.embeddings import (
     Encoder,
     Source,
@@ -92,20 +121,53 @@ DEFAULT_SLACK = 0.08
 """The LID search aims at τ + 0.08 (as specs/toxicity.yaml does): with 'auto' the box just meets
 the required rate on the search's 1,000 samples and certifies less on the fresh half."""
 # The paper's Split-CIFAR-10 LID figures (final average accuracy, certified in brackets; its
-# Task-IL figure is given without a certified value). Its encoder was another frozen one
-# (512-d features); it gives no baseline figures for Split-CIFAR-10.
+# Task-IL figure is given without a certified value) and its zero-buffer baselines (SGD
+# fine-tuning, EWC, LwF). Its encoder was another frozen one (ResNet-18, 512-d features).
 PAPER_LID: dict[str, tuple[float, float | None]] = {
     "task": (0.82, None),
     "domain": (0.75, 0.61),
     "class": (0.19, 0.16),
 }
-# picked by `sweep-ewc` over EWC_GRID (seed 9, 80/20 split of all 50,000 train features, test
-# features unused): validation final average accuracy, Domain-IL best at 100, Class-IL best at 1
-# (0.218, against 0.211 at 10); in Task-IL every λ gives the same result (the task heads share no
-# parameter). On the earlier 2,000-per-class subset the sweep chose 100 / 100 / 10.
+PAPER_BASELINES: dict[str, dict[str, float]] = {
+    "fine-tune": {"task": 0.81, "domain": 0.59, "class": 0.15},
+    "EWC": {"task": 0.81, "domain": 0.72, "class": 0.15},
+    "LwF": {"task": 0.72, "domain": 0.64, "class": 0.19},
+}
+Protocol = Literal["paper", "issue11"]
+PROTOCOLS: tuple[Protocol, ...] = ("paper", "issue11")
+PROTOCOL_SEEDS: dict[Protocol, tuple[int, ...]] = {
+    "paper": tuple(range(15)),
+    "issue11": (0, 1, 2),
+}
+"""The default seeds of each protocol (the paper: 15 seeds, 11 of them for Task-IL)."""
+PAPER_TASK_IL_SEEDS = 11
+"""The paper's Task-IL runs use 11 of its 15 seeds: here the first 11."""
+PAPER_EWC_STRENGTH = 1e6
+PAPER_FISHER_BATCH = 64
+PAPER_LWF = (0.1, 2.0)
+"""The paper's LwF: distillation weight λ = 0.1, temperature T = 2."""
+# protocol issue11: picked by `sweep-ewc` over EWC_GRID (seed 9, 80/20 split of all 50,000 train
+# features, test features unused): validation final average accuracy, Domain-IL best at 100,
+# Class-IL best at 1 (0.218, against 0.211 at 10); in Task-IL every λ gives the same result (the
+# task heads share no parameter). On the earlier 2,000-per-class subset the sweep chose 100 /
+# 100 / 10.
 EWC_STRENGTH: dict[str, float] = {"task": 100.0, "domain": 100.0, "class": 1.0}
-BASELINES = ("fine-tune", "EWC", "joint")
+BASELINES = ("fine-tune", "EWC", "LwF", "joint")
+PAPER_BUFFERS: dict[str, dict[str, tuple[float, float | None]]] = {
+    "LID buffer SMALL": {"task": (0.86, 0.73), "domain": (0.76, 0.68), "class": (0.22, 0.18)},
+    "LID buffer MEDIUM": {"task": (0.86, 0.73), "domain": (0.77, 0.69), "class": (0.23, 0.18)},
+    "LID buffer LARGE": {"task": (0.84, 0.72), "domain": (0.77, 0.69), "class": (0.24, 0.20)},
+    "A-GEM buffer": {"task": (0.83, None), "domain": (0.68, None), "class": (0.15, None)},
+}
+"""The paper's buffer figures (DESIGN.md section 5): final average accuracy (certified). It
+gives one A-GEM figure with buffers, shown beside every A-GEM buffer size. Buffer methods run
+with `--buffers SMALL MEDIUM LARGE` (or named in `--methods`), not by default."""
 EWC_GRID = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+ISSUE11_COMPARE = [
+    ROOT / "benchmarks" / "plots" / "split_cifar_raw_test_search_auto_slack.json",
+    ROOT / "benchmarks" / "plots" / "split_cifar_raw_train_search.json",
+]
+"""Issue 11's runs with other LID settings, summarised beside its main run."""
 PLOT_STYLE = cl_report.PlotStyle(
     "Split-CIFAR-10",
     "split_cifar",
@@ -325,7 +387,28 @@ class Settings:
     n_tasks: int = 5
     label: str = "full protocol"
     synthetic: bool = False
-    ewc_strength: dict[str, float] = field(default_factory=lambda: dict(EWC_STRENGTH))
+    protocol: Protocol = "paper"
+    task_il_seeds: int | None = PAPER_TASK_IL_SEEDS
+    """Task-IL runs the first this many seeds (None: all)."""
+    ewc_strength: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(SCENARIOS, PAPER_EWC_STRENGTH)
+    )
+    ewc_fisher_batch: int | None = PAPER_FISHER_BATCH
+    """EWC's Fisher: from batches of this size (None: per sample)."""
+    ewc_n_fisher: int | None = None
+    """Train samples per task EWC's Fisher sees (None: all)."""
+    lwf: tuple[float, float] = PAPER_LWF
+    """LwF's distillation weight and temperature."""
+
+    def seeds_of(self, scenario: str) -> tuple[int, ...]:
+        """The seeds a scenario runs (Task-IL: the first `task_il_seeds`)."""
+        if scenario == "task" and self.task_il_seeds is not None:
+            return self.seeds[: self.task_il_seeds]
+        return self.seeds
+
+    def units(self) -> list[tuple[Scenario, int]]:
+        """Every (scenario, seed) the run covers."""
+        return [(sc, seed) for sc in self.scenarios for seed in self.seeds_of(sc)]
 
 
 # variants that only make sense in some scenarios (active classes exist in Class-IL only)
@@ -373,42 +456,69 @@ def shares_first_task(settings: Settings, method: str, scenario: str) -> bool:
     return not (config is not None and config.active_classes and scenario == "class")
 
 
+def protocol_settings(protocol: Protocol) -> dict[str, Any]:
+    """The `Settings` fields a protocol fixes: training, Task-IL seeds, EWC and LwF."""
+    if protocol == "paper":
+        return {
+            "protocol": "paper",
+            "train": PAPER_CIFAR_TRAIN,
+            "task_il_seeds": PAPER_TASK_IL_SEEDS,
+            "ewc_strength": dict.fromkeys(SCENARIOS, PAPER_EWC_STRENGTH),
+            "ewc_fisher_batch": PAPER_FISHER_BATCH,
+            "ewc_n_fisher": None,
+            "lwf": PAPER_LWF,
+        }
+    if protocol == "issue11":
+        return {
+            "protocol": "issue11",
+            "train": TrainConfig(),
+            "task_il_seeds": None,
+            "ewc_strength": dict(EWC_STRENGTH),
+            "ewc_fisher_batch": None,
+            "ewc_n_fisher": 1000,
+            "lwf": PAPER_LWF,
+        }
+    raise InputError(f"unknown protocol '{protocol}'; expected one of {', '.join(PROTOCOLS)}")
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
-    """The settings of the chosen mode."""
+    """The settings of the chosen mode and protocol (`--seeds` unset: the protocol's)."""
     scenarios = tuple(args.scenarios)
     per_class = args.per_class or None
     slack: str | float = "auto" if args.target_slack == "auto" else float(args.target_slack)
+    fixed = protocol_settings(args.protocol)
+    seeds = tuple(args.seeds) if args.seeds else PROTOCOL_SEEDS[args.protocol]
     if args.tiny:
         return Settings(
             seeds=(0,),
             scenarios=scenarios,
-            train=TrainConfig(epochs=1),
             lid_variants=lid_variants(10, 5, 100, args.search_data, slack),
             baselines=BASELINES,
             per_class=None,
             n_tasks=2,
             label="tiny (tests only): synthetic features, 2 tasks, 1 epoch",
             synthetic=True,
+            **{**fixed, "train": replace(fixed["train"], epochs=1)},
         )
     if args.quick:
         return Settings(
-            seeds=(args.seeds[0],),
+            seeds=seeds[:1],
             scenarios=scenarios,
-            train=TrainConfig(epochs=1),
             lid_variants=lid_variants(50, 10, 400, args.search_data, slack),
             baselines=BASELINES,
             per_class=per_class,
             train_limit=2000,
             test_limit=500,
             label="quick: 1 seed, 2,000 train / 500 test samples per task, 1 epoch, 50 iterations",
+            **{**fixed, "train": replace(fixed["train"], epochs=1)},
         )
     return Settings(
-        seeds=tuple(args.seeds),
+        seeds=seeds,
         scenarios=scenarios,
-        train=TrainConfig(),
         lid_variants=lid_variants(200, 20, 400, args.search_data, slack),
         baselines=BASELINES,
         per_class=per_class,
+        **fixed,
     )
 
 
@@ -417,9 +527,17 @@ def make_strategy(settings: Settings, method: str, scenario: Scenario) -> Strate
     if method == "fine-tune":
         return FineTune()
     if method == "EWC":
-        return EWC(settings.ewc_strength[scenario])
+        return EWC(
+            settings.ewc_strength[scenario],
+            n_fisher=settings.ewc_n_fisher,
+            fisher_batch=settings.ewc_fisher_batch,
+        )
+    if method == "LwF":
+        return LwF(settings.lwf[0], temperature=settings.lwf[1])
     if method == "joint":
         return Joint()
+    if method.startswith("A-GEM buffer "):  # the replay LIDs' per-task allocation and samples
+        return AGEM(BUFFER_SIZES[method.removeprefix("A-GEM buffer ")])
     raise ValueError(f"unknown method '{method}'")
 
 
@@ -434,7 +552,13 @@ def _init_worker(threads: int) -> None:
 
 
 def _tasks(settings: Settings, scenario: Scenario, seed: int, features: Features) -> list:
-    pairs = draw_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
+    """The protocol's tasks: animal-vehicle chunks with the animal/vehicle Domain-IL label
+    ("paper"), or free pairs labelled by position ("issue11")."""
+    generator = torch.Generator().manual_seed(seed)
+    if settings.protocol == "paper":
+        pairs = draw_animal_vehicle_pairs(generator, settings.n_tasks)
+    else:
+        pairs = draw_pairs(generator, settings.n_tasks)
     return split_pairs(
         scenario,
         pairs,
@@ -442,7 +566,7 @@ def _tasks(settings: Settings, scenario: Scenario, seed: int, features: Features
         features.test,
         train_limit=settings.train_limit,
         test_limit=settings.test_limit,
-        domain_label="position",
+        domain_label="animal-vehicle" if settings.protocol == "paper" else "position",
     )
 
 
@@ -545,7 +669,7 @@ def run_all(
     """
     _FEATURES["features"] = features
     methods = [*settings.lid_variants, *settings.baselines]
-    units = [(sc, seed) for sc in settings.scenarios for seed in settings.seeds]
+    units = settings.units()
     results: list[dict[str, Any]] = []
 
     def report(result: dict[str, Any]) -> None:
@@ -603,7 +727,7 @@ def run_on_ray(
         cluster's CPUs.
     """
     methods = [*settings.lid_variants, *settings.baselines]
-    units = [(sc, seed) for sc in settings.scenarios for seed in settings.seeds]
+    units = settings.units()
     arrays = feature_arrays(features)
     first_stage: list[Job] = [(*u, None, None) for u in units]
     first_stage += [
@@ -739,7 +863,9 @@ def _against_paper(
         found = [
             (summaries[(s, m)], m)
             for m in settings.lid_variants
-            if (s, m) in summaries and "certified_final" in summaries[(s, m)]
+            if (s, m) in summaries
+            and "certified_final" in summaries[(s, m)]
+            and m not in PAPER_BUFFERS  # the buffer rows stand beside the paper's buffer cells
         ]
         if not found:
             continue
@@ -757,11 +883,73 @@ def _against_paper(
     return [*lines, ""]
 
 
+def _reading(settings: Settings) -> list[str]:
+    """What the issue-11 runs showed (its protocol only: the paper's runs are read in
+    benchmarks/RESULTS.md)."""
+    if settings.protocol != "issue11":
+        return [
+            "In Task-IL the tasks' heads (their two rows of the Linear) share no parameter, so "
+            "no method can forget; the LID's contribution there is the certificate.",
+            "",
+        ]
+    return [
+        "Reading the results. In Task-IL the tasks' heads (their two rows of the Linear) share "
+        "no parameter, so no method can forget and every method ends at the same accuracy; "
+        "the LID's contribution there is the certificate. In Domain-IL every task reads the "
+        "same two rows, and each LID must lie inside LID_1, which is searched around the "
+        "task-1 head: later tasks have little room (see their clean accuracies, hence τ, in "
+        "the LID details), so the nested LIDs keep task 1 but learn later tasks poorly, while "
+        "EWC's soft penalty trades some of task 1 for them. In Class-IL the nested LIDs keep "
+        "tasks 1-2 (fine-tuning and EWC forget them) but leave no room for new classes.",
+        "",
+    ]
+
+
 def _paper(method: str, scenario: str, lid_variants: Sequence[str]) -> str:
+    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else method)
+    if buffer is not None:
+        acc, cert = buffer[scenario]
+        return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")
     if method not in lid_variants:
-        return "–"
+        value = PAPER_BASELINES.get(method, {}).get(scenario)
+        return "–" if value is None else f"{value:.2f}"
     acc, cert = PAPER_LID[scenario]
     return f"≈{acc:.2f}" if cert is None else f"{acc:.2f} ({cert:.2f})"
+
+
+def _protocol_text(settings: Settings) -> str:
+    """The protocol's tasks, labels, training and baseline settings, in words."""
+    train = settings.train
+    fisher_data = (
+        "whole train split"
+        if settings.ewc_n_fisher is None
+        else f"first {settings.ewc_n_fisher} train samples"
+    )
+    ewc = (
+        f"EWC λ = {settings.ewc_strength['class']:g} in every scenario, Fisher from batches of "
+        f"{settings.ewc_fisher_batch} over the task's {fisher_data}"
+        if settings.ewc_fisher_batch is not None
+        else f"EWC λ per scenario {settings.ewc_strength} (picked by `sweep-ewc` on a validation "
+        "split of the train features, seed 9), per-sample Fisher on "
+        f"{settings.ewc_n_fisher or 'all'} train samples"
+    )
+    common = (
+        f"per task Adam, lr {train.lr:g}, {train.epochs} epoch(s), batch {train.batch_size}; "
+        f"{ewc}; LwF λ = {settings.lwf[0]:g}, T = {settings.lwf[1]:g}"
+    )
+    if settings.protocol == "paper":
+        return (
+            "Protocol `paper` (DESIGN.md §5): each seed splits the 6 animal classes (2-7) and "
+            "the 4 vehicle classes (0, 1, 8, 9) into 5 chunks each, so every task holds an "
+            "animal, four tasks pair an animal with a vehicle and one task holds two animals; "
+            "Domain-IL label = animal (0) vs vehicle (1), so the two-animal task has a single "
+            f"Domain-IL label, as in the paper's protocol; {common}; Task-IL runs the first "
+            f"{settings.task_il_seeds} seeds"
+        )
+    return (
+        "Protocol `issue11` (the earlier variant): free pairs drawn per seed; Domain-IL label "
+        f"= which class of the pair; {common}"
+    )
 
 
 def markdown(saved: dict[str, Any], settings: Settings) -> str:
@@ -785,10 +973,18 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
     def paper(method: str, scenario: str, measured: bool) -> str:
         return _paper(method, scenario, list(settings.lid_variants)) if measured else "–"
 
+    seeds = {s: sorted({r["seed"] for r in results if r["scenario"] == s}) for s in scenarios}
+    seed_text = (
+        f"seeds {next(iter(seeds.values()))}"
+        if len({tuple(v) for v in seeds.values()}) == 1
+        else "seeds " + "; ".join(f"{SCENARIO_NAMES[s]} {v}" for s, v in seeds.items())
+    )
     lines = [
-        "## Split-CIFAR-10 continual learning on frozen EfficientNet-Lite0 features (issue 11)",
+        "## Split-CIFAR-10 continual learning on frozen EfficientNet-Lite0 features "
+        "(issues 11, 20)",
         "",
-        f"Mode: {settings.label}; seeds {list(settings.seeds)}; mean ± sample std over seeds. "
+        f"Mode: {settings.label}; {seed_text}; mean ± sample std and the 10th–90th percentile "
+        f"over seeds; each run's task pairs are in the raw results. {_protocol_text(settings)}. "
         f"Data: {saved.get('features', '')}; per task {first['n_train'][0]:,} train / "
         f"{first['n_test'][0]:,} test samples (two classes). "
         f"Wall time {wall_s / 60:.1f} min on {max(workers, 1)} process(es), 1 torch thread each "
@@ -800,9 +996,10 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         *cl_report.final_accuracy_table(summaries, methods, scenarios, paper),
         "",
         "Paper: its best Split-CIFAR-10 LID result (final average accuracy, certified in "
-        "brackets; Task-IL given as ≈ 0.82 without a certified value), with another frozen "
-        "encoder (512-d features) and the full CIFAR-10 train split; it gives no baseline "
-        "figures for Split-CIFAR-10. Here the whole linear head is boxed (every parameter: the "
+        "brackets; Task-IL given as ≈ 0.82 without a certified value) and its zero-buffer "
+        "baselines (SGD fine-tuning, EWC, LwF), with another frozen encoder (ResNet-18, 512-d "
+        "features), the full CIFAR-10 train split and its protocol (`--protocol paper`). Here "
+        "the whole linear head is boxed (every parameter: the "
         f"head is the network); {_data_text(saved)}; {_slack_text(saved)}; search η_p = 0.33. "
         "`LID` / `LID+look-ahead` train Class-IL tasks with the "
         "loss over the classes seen so far (prediction and certificates stay 10-way); "
@@ -810,20 +1007,11 @@ def markdown(saved: dict[str, Any], settings: Settings) -> str:
         "boxed entries least important (Fisher) for the next task's training data; in Task-IL "
         "that is the whole of the task's own head (the next task never reads it), so those "
         "LIDs are single points in the head and the certificate is the fixed head's held-out "
-        f"bound. EWC λ per scenario: {settings.ewc_strength} (picked by `sweep-ewc` on a "
-        "validation split of the train features, seed 9). Certified values are the mean over "
-        "tasks of the last row (LID_5 on every task; the final network lies in it).",
+        "bound. Certified values are the mean over tasks of the last row (LID_5 on every "
+        "task; the final network lies in it).",
         "",
         *_against_paper(summaries, settings, scenarios),
-        "Reading the results. In Task-IL the tasks' heads (their two rows of the Linear) share "
-        "no parameter, so no method can forget and every method ends at the same accuracy; "
-        "the LID's contribution there is the certificate. In Domain-IL every task reads the "
-        "same two rows, and each LID must lie inside LID_1, which is searched around the "
-        "task-1 head: later tasks have little room (see their clean accuracies, hence τ, in "
-        "the LID details), so the nested LIDs keep task 1 but learn later tasks poorly, while "
-        "EWC's soft penalty trades some of task 1 for them. In Class-IL the nested LIDs keep "
-        "tasks 1-2 (fine-tuning and EWC forget them) but leave no room for new classes.",
-        "",
+        *_reading(settings),
         *cl_report.forgetting_table(summaries, methods, scenarios),
         *cl_report.curve_tables(summaries, methods, scenarios, settings.n_tasks),
     ]
@@ -901,6 +1089,13 @@ def export_head_main(argv: Sequence[str]) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=DEFAULT_PER_CLASS)
     parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="issue11",
+        help="whose first task and training (default issue11: the committed head's, classes "
+        "1 and 4)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=ROOT / "onnx_models" / "split_cifar_task1_head.onnx"
     )
     args = parser.parse_args(argv)
@@ -910,10 +1105,10 @@ def export_head_main(argv: Sequence[str]) -> int:
     settings = Settings(
         seeds=(args.seed,),
         scenarios=("class",),
-        train=TrainConfig(),
         lid_variants={},
         baselines=(),
         per_class=args.per_class or None,
+        **protocol_settings(args.protocol),
     )
     features = load_features(settings.per_class)
     tasks = _tasks(settings, "class", args.seed, features)
@@ -946,20 +1141,22 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run (or reload) the benchmark, print and write the results."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["embed"]:
-        return embed_main(argv[1:])
-    if argv[:1] == ["export-head"]:
-        return export_head_main(argv[1:])
-    sweep = argv[:1] == ["sweep-ewc"]
-    if sweep:
-        argv = argv[1:]
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of a run (and of `sweep-ewc`); its defaults are the paper's protocol."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, small subsets, 1 epoch")
     parser.add_argument("--tiny", action="store_true", help="synthetic smoke test (seconds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="paper",
+        help="the paper's (animal-vehicle tasks and Domain-IL label, Adam lr 0.02, batch 128, "
+        "15 seeds, 11 for Task-IL, EWC λ 1e6, LwF 0.1) or issue 11's (free pairs, 'position' "
+        "label, lr 1e-3, batch 64, 3 seeds)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", help="seeds (default: the protocol's; paper 0-14)"
+    )
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument(
         "--per-class",
@@ -994,11 +1191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--compare-raw",
         type=Path,
         nargs="*",
-        default=[
-            ROOT / "benchmarks" / "plots" / "split_cifar_raw_test_search_auto_slack.json",
-            ROOT / "benchmarks" / "plots" / "split_cifar_raw_train_search.json",
-        ],
-        help="raw results of runs with other LID settings, summarised beside (when present)",
+        help="raw results of runs with other LID settings and the same protocol, summarised "
+        "beside (when present; default for --protocol issue11: its two committed variants)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "split_cifar_results.md")
     parser.add_argument("--plots", type=Path, default=ROOT / "benchmarks" / "plots")
@@ -1013,13 +1207,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--from-raw", action="store_true", help="re-render --raw, no training")
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    cl_report.add_buffers_argument(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run (or reload) the benchmark, print and write the results."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["embed"]:
+        return embed_main(argv[1:])
+    if argv[:1] == ["export-head"]:
+        return export_head_main(argv[1:])
+    sweep = argv[:1] == ["sweep-ewc"]
+    if sweep:
+        argv = argv[1:]
+    parser = build_parser()
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    settings = cl_report.keep_methods(settings_for(args), args.methods)
-    log = cl_report.log
+    saved: dict[str, Any] = {}
     if args.from_raw:
-        saved = json.loads(args.raw.read_text(encoding="utf-8"))
-    else:
+        try:
+            saved = json.loads(args.raw.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read the raw results {args.raw}: {err}", file=sys.stderr)
+            return 2
+        args.protocol = saved.get("protocol", "issue11")  # raw files before issue 20: issue 11's
+    if args.compare_raw is None:
+        args.compare_raw = ISSUE11_COMPARE if args.protocol == "issue11" else []
+    settings = cl_report.with_buffers(
+        settings_for(args), args, saved["results"] if args.from_raw else ()
+    )
+    settings = cl_report.keep_methods(settings, args.methods)
+    log = cl_report.log
+    if not args.from_raw:
         features = synthetic_features() if settings.synthetic else load_features(settings.per_class)
         if sweep:
             scores = sweep_ewc(features, settings, log)
@@ -1046,6 +1266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": " ".join(argv),
             "load_average": {"start": load_start, "end": os.getloadavg()},
             "ewc_strength": settings.ewc_strength,
+            "protocol": settings.protocol,
         }
         saved["search_data"] = args.search_data
         saved["target_slack"] = args.target_slack

@@ -1,18 +1,29 @@
-"""Split-MNIST continual-learning benchmark: nested LIDs against the usual baselines (issue 7).
+"""Split-MNIST continual-learning benchmark: nested LIDs against the usual baselines (issues 7, 20).
 
-Five tasks of two digits (pairs drawn per seed) in Task-IL (multi-head: only the task's two
-logits compete), Domain-IL (shared head = logits 0 and 1; label = the digit's parity, so a
-drawn pair of one parity is a single-label task) and Class-IL (10-way). The paper's CNN
-(p = 6179); per task Adam, lr 1e-3, 5 epochs, batch 64. Methods, all on the same splits and
-the same first-task training:
+The paper's protocol (DESIGN.md section 5) is the default: five tasks of two digits, each
+pairing one even and one odd digit, drawn per seed (`--pairs even-odd`; seed 0 draws the
+paper's example [[7, 8], [0, 9], [1, 2], [3, 6], [4, 5]]), so every Domain-IL task has both
+labels; seeds 0-4. Earlier variants stay selectable: `--pairs drawn` (pairs drawn freely per
+seed, so a Domain-IL task may hold two digits of one parity, a single label; issue 7's runs)
+and `--pairs paper` (the fixed (0,1), (2,3), ... order for every seed). Scenarios: Task-IL
+(multi-head: only the task's two logits compete), Domain-IL (shared head = logits 0 and 1;
+label = the digit's parity) and Class-IL (10-way). The paper's CNN (p = 6179); per task Adam,
+lr 1e-3, 5 epochs, batch 64. The tables give mean ± std and the 10th-90th percentile over
+seeds; the raw results record each run's pairs. Methods, all on the same splits and the same
+first-task training:
 
 * LID variants (verifier.cl.lid_learner): τ = task accuracy - 0.12, 200 search iterations,
   batch 400, checkpoints every 20; projected training onto the previous LID. The search uses
   the task's MNIST train split; the certificate (float64 IBP, Clopper-Pearson, β = 1e-3) uses
   the task's MNIST test split, which no search sees.
 * fine-tune, EWC, SI, LwF, A-GEM (memory 1,000), joint training (upper bound).
+* Not run by default (`--buffers SMALL MEDIUM LARGE`, or named in `--methods`): the paper's
+  replay-buffer protocol, "LID buffer SIZE" (verifier.cl.replay: LIDs recomputed on the
+  buffers, replay plus projection, the repeat and loosening rules) and "A-GEM buffer SIZE"
+  (the same samples per task; sizes and allocation in verifier.cl.buffers).
 
-Run:  .venv/bin/python benchmarks/split_mnist.py [--quick] [--workers 2] [--seeds 0 1 2]
+Run:  .venv/bin/python benchmarks/split_mnist.py [--quick] [--workers 2] [--seeds 0 1 2 3 4]
+      .venv/bin/python benchmarks/split_mnist.py --pairs drawn|paper   # the earlier variants
       .venv/bin/python benchmarks/split_mnist.py --quick --ray local|auto|HOST:PORT
 With --ray the jobs run as Ray tasks (`ray_grid`: two stages, the shared first tasks with the
 methods that train their own, then the other methods), the results identical to the pool's.
@@ -37,10 +48,17 @@ import numpy as np
 import torch
 
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
+from verifier.cl.buffers import BUFFER_SIZES
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
-from verifier.cl.scenarios import SCENARIOS, Scenario, draw_pairs, split_mnist
+from verifier.cl.scenarios import (
+    SCENARIOS,
+    Scenario,
+    draw_even_odd_pairs,
+    draw_pairs,
+    split_mnist,
+)
 from verifier.cl.training import (
     FirstTask,
     Strategy,
@@ -68,6 +86,20 @@ EWC_STRENGTH: dict[str, float] = {"task": 1e4, "domain": 1e4, "class": 1e4}
 SI_STRENGTH: dict[str, float] = {"task": 1.0, "domain": 1.0, "class": 1.0}
 BASELINES = ("fine-tune", "EWC", "SI", "LwF", "A-GEM", "joint")
 PLOT_STYLE = cl_report.PlotStyle("Split-MNIST", "split_mnist", PAPER_LID, columns=4)
+PAPER_BUFFERS: dict[str, dict[str, tuple[float, float | None]]] = {
+    "LID buffer SMALL": {"task": (0.98, 0.88), "domain": (0.75, 0.65), "class": (0.48, 0.42)},
+    "LID buffer MEDIUM": {"task": (0.98, 0.88), "domain": (0.76, 0.67), "class": (0.60, 0.52)},
+    "LID buffer LARGE": {"task": (0.98, 0.88), "domain": (0.77, 0.67), "class": (0.71, 0.62)},
+    "A-GEM buffer": {"task": (0.98, None), "domain": (0.83, None), "class": (0.61, None)},
+}
+"""The paper's buffer figures (DESIGN.md section 5): final average accuracy (certified). It
+gives one A-GEM figure with buffers, shown beside every A-GEM buffer size."""
+Pairs = Literal["even-odd", "drawn", "paper"]
+PAIRS: tuple[Pairs, ...] = ("even-odd", "drawn", "paper")
+"""`--pairs`: one even and one odd digit per task, drawn per seed (the paper's protocol, the
+default); a free draw per seed (issue 7's runs); the fixed (0,1), (2,3), ... order."""
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+"""The default seeds (the protocol asks for at least 5)."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +115,7 @@ class Settings:
     test_limit: int | None = None
     n_tasks: int = 5
     label: str = "full protocol"
-    pairs: Literal["drawn", "paper"] = "drawn"
+    pairs: Pairs = "even-odd"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -185,12 +217,16 @@ def settings_for(args: argparse.Namespace) -> Settings:
     )
 
 
-def with_pairs(settings: Settings, pairs: Literal["drawn", "paper"]) -> Settings:
-    """The settings with the task pairs of `--pairs` ("drawn" per seed, or "paper")."""
-    if pairs == "drawn":
-        return settings
-    label = f"{settings.label}; fixed pairs {', '.join(map(str, PAPER_PAIRS))} for every seed"
-    return replace(settings, pairs=pairs, label=label)
+def with_pairs(settings: Settings, pairs: Pairs) -> Settings:
+    """The settings with the task pairs of `--pairs`: "even-odd" or "drawn" per seed, or the
+    fixed "paper" order."""
+    if pairs == "even-odd":
+        text = "one even and one odd digit per task, drawn per seed (the paper's protocol)"
+    elif pairs == "drawn":
+        text = "pairs drawn freely per seed (a Domain-IL task may hold a single parity)"
+    else:
+        text = f"fixed pairs {', '.join(map(str, PAPER_PAIRS))} for every seed"
+    return replace(settings, pairs=pairs, label=f"{settings.label}; {text}")
 
 
 def make_strategy(method: str, scenario: Scenario) -> Strategy:
@@ -205,6 +241,8 @@ def make_strategy(method: str, scenario: Scenario) -> Strategy:
         return LwF(1.0, temperature=2.0)
     if method == "A-GEM":
         return AGEM(1000)
+    if method.startswith("A-GEM buffer "):  # the replay LIDs' per-task allocation and samples
+        return AGEM(BUFFER_SIZES[method.removeprefix("A-GEM buffer ")])
     if method == "joint":
         return Joint()
     raise ValueError(f"unknown method '{method}'")
@@ -233,8 +271,10 @@ PAPER_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 def _tasks(settings: Settings, scenario: Scenario, seed: int, mnist: Mnist) -> list:
     if settings.pairs == "paper":
         pairs = list(PAPER_PAIRS[: settings.n_tasks])
-    else:
+    elif settings.pairs == "drawn":
         pairs = draw_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
+    else:
+        pairs = draw_even_odd_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
     return split_mnist(
         scenario,
         pairs,
@@ -438,6 +478,10 @@ def run_on_ray(
 
 
 def _paper(method: str, scenario: str) -> str:
+    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else method)
+    if buffer is not None:
+        acc, cert = buffer[scenario]
+        return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")
     if method == "LID":
         acc, cert = PAPER_LID[scenario]
         return f"{acc:.2f} ({cert:.2f})"
@@ -455,12 +499,15 @@ def markdown(
 
     def paper(method: str, scenario: str, measured: bool) -> str:
         """A measured LID variant stands beside the paper's LID row."""
+        measured = measured and method not in PAPER_BUFFERS  # buffer rows have their own
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
+    seeds = sorted({r["seed"] for r in results})
     lines = [
-        "## Split-MNIST continual learning (issue 7)",
+        "## Split-MNIST continual learning (issues 7, 20)",
         "",
-        f"Mode: {settings.label}; seeds {list(settings.seeds)}; mean ± sample std over seeds. "
+        f"Mode: {settings.label}; seeds {seeds}; mean ± sample std and the 10th–90th "
+        "percentile over seeds; each run's task pairs are in the raw results. "
         f"Wall time {wall_s / 60:.1f} min on {workers} worker processes, 1 torch thread each "
         f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}); the cores "
         "were shared with other jobs, so the wall time is pessimistic. CPU time of all jobs "
@@ -468,6 +515,7 @@ def markdown(
         f"{max(workers, 1)} otherwise idle cores. "
         "Command: `.venv/bin/python benchmarks/split_mnist.py"
         + (" --quick" if "quick" in settings.label else "")
+        + ("" if settings.pairs == "even-odd" else f" --pairs {settings.pairs}")
         + "`.",
         "",
         *cl_report.final_accuracy_table(summaries, methods, scenarios, paper),
@@ -511,12 +559,12 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse arguments, run (or reload) the benchmark, print and write the results."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the paper's protocol (even/odd pairs, seeds 0-4)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, small subsets, 1 epoch")
     parser.add_argument("--tiny", action="store_true", help="smoke test size (seconds)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS))
     parser.add_argument(
         "--workers", type=int, default=2, help="worker processes, 1 thread each (0: in-process)"
@@ -535,11 +583,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--from-raw", action="store_true", help="re-render --raw, no training")
     parser.add_argument(
         "--pairs",
-        choices=("drawn", "paper"),
-        default="drawn",
-        help="task pairs: drawn per seed (the protocol) or the fixed (0,1), (2,3), ... order",
+        choices=PAIRS,
+        default="even-odd",
+        help="task pairs: one even and one odd digit, drawn per seed (the paper's protocol), "
+        "drawn freely per seed (issue 7), or the fixed (0,1), (2,3), ... order",
     )
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
+    cl_report.add_buffers_argument(parser)
     parser.add_argument(
         "--target-slack",
         type=slack_value,
@@ -562,11 +612,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--merge", action="store_true", help="replace the matching jobs in --raw, keep the rest"
     )
-    args = parser.parse_args(argv)
-    settings = cl_report.keep_methods(with_pairs(settings_for(args), args.pairs), args.methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, run (or reload) the benchmark, print and write the results."""
+    args = build_parser().parse_args(argv)
     log = cl_report.log
+    old: dict[str, Any] = {}
+    if args.from_raw or args.merge:
+        try:
+            old = json.loads(args.raw.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read the raw results {args.raw}: {err}", file=sys.stderr)
+            return 2
+        rule = old.get("pairs_rule", "drawn")  # raw files before issue 20 drew pairs freely
+        if args.from_raw:
+            args.pairs = rule
+        elif rule != args.pairs:
+            print(
+                f"error: {args.raw} holds runs with --pairs {rule}; --merge needs the same "
+                f"(got --pairs {args.pairs})",
+                file=sys.stderr,
+            )
+            return 2
+    settings = cl_report.keep_methods(
+        with_pairs(
+            cl_report.with_buffers(settings_for(args), args, old.get("results", [])),
+            args.pairs,
+        ),
+        args.methods,
+    )
     if args.from_raw:
-        saved = json.loads(args.raw.read_text(encoding="utf-8"))
+        saved = old
     else:
         started = time.perf_counter()
         workers = args.workers
@@ -584,9 +662,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "workers": workers,
             "first_cpu_s": first_cpu,
             "parts": [" ".join(sys.argv[1:] if argv is None else argv)],
+            "pairs_rule": args.pairs,
         }
         if args.merge:
-            old = json.loads(args.raw.read_text(encoding="utf-8"))
             done = {(r["scenario"], r["seed"], r["method"]) for r in results}
             kept = [
                 r for r in old["results"] if (r["scenario"], r["seed"], r["method"]) not in done
@@ -598,7 +676,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.raw.parent.mkdir(parents=True, exist_ok=True)
         args.raw.write_text(json.dumps(saved) + "\n", encoding="utf-8")
     if args.methods or args.merge:
-        settings = with_pairs(settings_for(args), args.pairs)  # every method the raw holds
+        # every method the raw holds
+        settings = cl_report.with_buffers(settings_for(args), args, saved["results"])
+        settings = with_pairs(settings, args.pairs)
     results, wall_s, workers = saved["results"], saved["wall_s"], saved["workers"]
     cpu_s = saved["first_cpu_s"] + sum(r["cpu_seconds"] for r in results)
     parts = saved.get("parts", [""])

@@ -90,7 +90,8 @@ def test_split_cifar_grid_on_ray_equals_the_pool(
 ) -> None:
     bench = _benchmark("split_cifar", monkeypatch)
     pool, on_ray = _grid_runs(bench, tmp_path, ["--tiny", "--scenarios", "domain", "class"])
-    assert len(pool["results"]) == len(on_ray["results"]) == 5 + 6
+    n = len(bench.BASELINES)  # fine-tune, EWC, LwF, joint
+    assert len(pool["results"]) == len(on_ray["results"]) == (2 + n) + (3 + n)
     assert _untimed(on_ray["results"]) == _untimed(pool["results"])
     assert sum("certified" in r for r in on_ray["results"]) == 2 + 3  # the LID variants
 

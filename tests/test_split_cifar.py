@@ -183,7 +183,7 @@ def test_tiny_benchmark_run_end_to_end(tmp_path: Path, monkeypatch: pytest.Monke
     argv += ["--out", str(out), "--plots", str(plots), "--raw", str(raw)]
     assert bench.main(argv) == 0
     text = out.read_text(encoding="utf-8")
-    for method in ("LID", "LID+look-ahead", "LID 10-way loss", "fine-tune", "EWC", "joint"):
+    for method in ("LID", "LID+look-ahead", "LID 10-way loss", "fine-tune", "EWC", "LwF", "joint"):
         assert f"| {method} |" in text
     assert "0.19 (0.16)" in text and "≈0.82" in text  # the paper's figures beside ours
     for name in ("task_matrix", "task_average", "class_matrix", "class_average"):

@@ -2,15 +2,20 @@
 
 * `FineTune`: plain sequential training ("SGD fine-tuning"; the optimiser is the protocol's Adam).
 * `EWC` (Kirkpatrick et al., 2017): quadratic penalty λ/2 Σ_j Σ_i F_j,i (θ_i - θ*_j,i)^2 with the
-  diagonal empirical Fisher F_j of every earlier task j at its final weights θ*_j.
+  diagonal empirical Fisher F_j of every earlier task j at its final weights θ*_j: per sample
+  (the mean squared per-sample gradient), or with `fisher_batch` b the estimate common CL
+  libraries compute (the mean over batches of b of the squared batch-mean gradient; about b
+  times smaller where per-sample gradients disagree, hence the paper's λ = 1e6 with b = 64).
 * `SI` (Zenke et al., 2017): path-integral importance ω accumulated during training,
   Ω += ω / (Δθ^2 + ξ) after each task; penalty c Σ Ω (θ - θ*)^2.
 * `LwF` (Li & Hoiem, 2016): distillation of the previous model's outputs on the current data,
   T^2 KL(softmax(old/T) || softmax(new/T)) over every earlier task's rows (Class-IL: the rows of
   every class seen so far), weighted by α.
 * `AGEM` (Chaudhry et al., 2019): episodic memory (equal share per seen task, `memory_size` in
-  all); when the gradient conflicts with the memory gradient (negative dot product) it is
-  projected onto the half-space of non-increasing memory loss.
+  all, or a named buffer size of `verifier.cl.buffers`: the same per-task allocation and the
+  same samples as the replay LID learner's buffers); when the gradient conflicts with the memory
+  gradient (negative dot product) it is projected onto the half-space of non-increasing memory
+  loss.
 * `Joint`: trains on the union of the tasks seen so far (upper bound), warm-started, with the
   same number of optimiser steps per task as every other method.
 """
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from verifier.cl.buffers import BufferSize, buffer_order
 from verifier.cl.scenarios import SplitTask, masked_logits
 from verifier.cl.training import Strategy, TrainingData, task_loss
 
@@ -57,19 +63,42 @@ def empirical_fisher(
     return {n: t / max(len(data), 1) for n, t in total.items()}
 
 
+def batch_fisher(model: nn.Module, data: TrainingData, batch_size: int) -> dict[str, Tensor]:
+    """Diagonal Fisher from batches: the mean over consecutive batches of `batch_size` samples
+    (the last one may be short) of the squared gradient of the batch's mean masked
+    log-likelihood of the true labels, keyed by parameter name."""
+    params = dict(model.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    n_batches = 0
+    for start in range(0, len(data), batch_size):
+        part = slice(start, start + batch_size)
+        loss = task_loss(model, data.x[part], data.y[part], data.rows[part])
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads, strict=True):
+            if g is not None:
+                total[n] += g.detach().pow(2)
+        n_batches += 1
+    return {n: t / max(n_batches, 1) for n, t in total.items()}
+
+
 class EWC(Strategy):
     """Elastic weight consolidation, one Fisher and anchor per earlier task.
 
     Args:
         strength: λ.
-        n_fisher: samples of each task's training split used for its Fisher.
+        n_fisher: samples of each task's training split used for its Fisher (None: all).
+        fisher_batch: None for the per-sample empirical Fisher (`empirical_fisher`), or the
+            batch size of the batch estimate (`batch_fisher`; the paper's Split-CIFAR-10: 64).
     """
 
     name = "EWC"
 
-    def __init__(self, strength: float, *, n_fisher: int = 1000) -> None:
+    def __init__(
+        self, strength: float, *, n_fisher: int | None = 1000, fisher_batch: int | None = None
+    ) -> None:
         self.strength = strength
         self.n_fisher = n_fisher
+        self.fisher_batch = fisher_batch
         self.anchors: list[tuple[dict[str, Tensor], dict[str, Tensor]]] = []
 
     def penalty(self, model: nn.Module, x: Tensor) -> Tensor | None:
@@ -86,7 +115,10 @@ class EWC(Strategy):
         part = TrainingData(
             data.x[: self.n_fisher], data.y[: self.n_fisher], data.rows[: self.n_fisher]
         )
-        fisher = empirical_fisher(model, part)
+        if self.fisher_batch is None:
+            fisher = empirical_fisher(model, part)
+        else:
+            fisher = batch_fisher(model, part, self.fisher_batch)
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         self.anchors.append((fisher, theta))
 
@@ -187,15 +219,28 @@ class AGEM(Strategy):
     """Averaged gradient episodic memory.
 
     Args:
-        memory_size: samples kept in all (equal share per seen task).
+        memory_size: samples kept in all, an equal share per seen task (the first samples of
+            each task's training split, re-shared after every task); or a `BufferSize`
+            (SMALL / MEDIUM / LARGE): task j keeps `memory_size.stored(j, n_train)` samples,
+            the first of `buffer_order(task, buffer_seed)`, i.e. the same per-task allocation
+            and the same samples as `verifier.cl.replay`'s buffers with that seed, all in use
+            from the start.
         reference_batch: memory samples per reference gradient.
+        buffer_seed: with a `BufferSize`, the seed of the buffers' sample order.
     """
 
     name = "A-GEM"
 
-    def __init__(self, memory_size: int = 1000, *, reference_batch: int = 64) -> None:
+    def __init__(
+        self,
+        memory_size: int | BufferSize = 1000,
+        *,
+        reference_batch: int = 64,
+        buffer_seed: int = 0,
+    ) -> None:
         self.memory_size = memory_size
         self.reference_batch = reference_batch
+        self.buffer_seed = buffer_seed
         self.per_task: list[TrainingData] = []
         self.memory: TrainingData | None = None
 
@@ -215,11 +260,17 @@ class AGEM(Strategy):
             p.grad = g - dot / max(norm, 1e-12) * r
 
     def after_task(self, model: nn.Module, task: SplitTask, seen: Sequence[SplitTask]) -> None:
-        self.per_task.append(TrainingData.of_task(task))
-        share = self.memory_size // len(self.per_task)
-        self.memory = TrainingData.union(
-            [TrainingData(d.x[:share], d.y[:share], d.rows[:share]) for d in self.per_task]
-        )
+        data = TrainingData.of_task(task)
+        if isinstance(self.memory_size, BufferSize):
+            keep = buffer_order(task, self.buffer_seed)
+            keep = keep[: self.memory_size.stored(task.index, len(data))]
+            self.per_task.append(TrainingData(data.x[keep], data.y[keep], data.rows[keep]))
+            parts = [d for d in self.per_task if len(d)]
+        else:
+            self.per_task.append(data)
+            share = self.memory_size // len(self.per_task)
+            parts = [TrainingData(d.x[:share], d.y[:share], d.rows[:share]) for d in self.per_task]
+        self.memory = TrainingData.union(parts) if parts else None
 
 
 class Joint(Strategy):

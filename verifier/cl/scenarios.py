@@ -1,19 +1,31 @@
 """Split-MNIST / Split-CIFAR-10 task sequences in the three continual-learning scenarios.
 
 The ten classes (MNIST digits, CIFAR-10 classes; `split_pairs` takes any 10-class samples,
-images or frozen-encoder features) are split into five pairs, drawn per seed. Every scenario
-is expressed the same way: a task names the output rows that compete for its prediction
-(`rows`) and labels each sample by its position among those rows, so training, evaluation and
-certification all work on the *masked* logits `logits[:, rows]`:
+images or frozen-encoder features) are split into five pairs, drawn per seed by one of three
+rules:
 
-* ``task`` (Task-IL, multi-head): rows = the task's two digits; only those two logits compete.
+* `draw_even_odd_pairs` (the paper's Split-MNIST protocol): every pair holds one even and one
+  odd digit, e.g. [[7, 8], [0, 9], [1, 2], [3, 6], [4, 5]], so every Domain-IL (parity) task
+  has both labels.
+* `draw_animal_vehicle_pairs` (the paper's Split-CIFAR-10 protocol): the 6 animal and the 4
+  vehicle classes are split into 5 chunks each; every task holds an animal, four tasks pair an
+  animal with a vehicle and one task holds two animals (see the function for the reading).
+* `draw_pairs`: a free draw (an earlier variant of both benchmarks; a task may hold two digits
+  of one parity, or two vehicles).
+
+Every scenario is expressed the same way: a task names the output rows that compete for its
+prediction (`rows`) and labels each sample by its position among those rows, so training,
+evaluation and certification all work on the *masked* logits `logits[:, rows]`:
+
+* ``task`` (Task-IL, multi-head): rows = the task's two classes; only those two logits compete.
 * ``domain`` (Domain-IL): rows = (0, 1), one shared two-way head (the first two logits of the
-  network); label = the digit's parity (0 even, 1 odd), as the Split-MNIST protocol defines it
-  (`domain_label="parity"`, the default). With pairs drawn per seed a task can hold two digits
-  of one parity, i.e. a single label. `domain_label="position"` labels instead which class of
-  the pair (0 for the smaller, 1 for the larger; Split-CIFAR-10 uses it, since a CIFAR class
-  index has no parity of meaning). With the classic pairs (0,1), (2,3), ... the two agree.
-* ``class`` (Class-IL): rows = all ten logits; label = the digit.
+  network). The label is chosen by `domain_label`:
+  - "parity" (Split-MNIST, the default): the digit's parity (0 even, 1 odd);
+  - "animal-vehicle" (Split-CIFAR-10, the paper's): 0 for an animal class (2-7), 1 for a
+    vehicle class (0, 1, 8, 9); the two-animal task then has one label only, as in the paper;
+  - "position": which class of the pair (0 for the smaller, 1 for the larger; the earlier
+    Split-CIFAR-10 variant). With the classic pairs (0,1), (2,3), ... it agrees with parity.
+* ``class`` (Class-IL): rows = all ten logits; label = the class.
 """
 
 from __future__ import annotations
@@ -28,7 +40,8 @@ from torch import Tensor
 from verifier.errors import InputError
 
 Scenario = Literal["task", "domain", "class"]
-DomainLabel = Literal["parity", "position"]
+DomainLabel = Literal["parity", "animal-vehicle", "position"]
+DOMAIN_LABELS: Final[tuple[DomainLabel, ...]] = ("parity", "animal-vehicle", "position")
 SCENARIOS: Final[tuple[Scenario, ...]] = ("task", "domain", "class")
 SCENARIO_NAMES: Final[dict[Scenario, str]] = {
     "task": "Task-IL",
@@ -36,6 +49,10 @@ SCENARIO_NAMES: Final[dict[Scenario, str]] = {
     "class": "Class-IL",
 }
 N_DIGITS: Final = 10
+CIFAR_ANIMALS: Final[tuple[int, ...]] = (2, 3, 4, 5, 6, 7)
+"""CIFAR-10 animal classes: bird, cat, deer, dog, frog, horse."""
+CIFAR_VEHICLES: Final[tuple[int, ...]] = (0, 1, 8, 9)
+"""CIFAR-10 vehicle classes: airplane, automobile, ship, truck."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,11 +96,72 @@ def draw_pairs(generator: torch.Generator, n_tasks: int = 5) -> list[tuple[int, 
     Raises:
         InputError: more pairs than the digits allow.
     """
-    if not 1 <= n_tasks <= N_DIGITS // 2:
-        raise InputError(f"Split-MNIST has at most {N_DIGITS // 2} tasks; got {n_tasks}")
+    _check_tasks(n_tasks)
     perm = torch.randperm(N_DIGITS, generator=generator).tolist()
     pairs = [(perm[2 * i], perm[2 * i + 1]) for i in range(n_tasks)]
     return [(min(a, b), max(a, b)) for a, b in pairs]
+
+
+def _check_tasks(n_tasks: int) -> None:
+    if not 1 <= n_tasks <= N_DIGITS // 2:
+        raise InputError(f"a split of ten classes has at most {N_DIGITS // 2} tasks; got {n_tasks}")
+
+
+def draw_even_odd_pairs(generator: torch.Generator, n_tasks: int = 5) -> list[tuple[int, int]]:
+    """The paper's Split-MNIST pairs: one even and one odd digit in every task, drawn per seed.
+
+    The evens and the odds are each put in a random order and paired position by position, so
+    the task order is random too (e.g. [(7, 8), (0, 9), (1, 2), (3, 6), (4, 5)]).
+
+    Args:
+        generator: source of randomness (one seed, one split).
+        n_tasks: number of pairs, at most 5 (the first `n_tasks` of the five).
+
+    Returns:
+        The pairs, each sorted ascending.
+
+    Raises:
+        InputError: more pairs than the digits allow.
+    """
+    _check_tasks(n_tasks)
+    evens = [2 * i for i in torch.randperm(N_DIGITS // 2, generator=generator).tolist()]
+    odds = [2 * i + 1 for i in torch.randperm(N_DIGITS // 2, generator=generator).tolist()]
+    return [(min(e, o), max(e, o)) for e, o in zip(evens, odds, strict=True)][:n_tasks]
+
+
+def draw_animal_vehicle_pairs(
+    generator: torch.Generator, n_tasks: int = 5
+) -> list[tuple[int, int]]:
+    """The paper's Split-CIFAR-10 tasks: every task holds an animal, one holds two animals.
+
+    The paper builds its five two-class tasks "by splitting the 6 animal and the 4 vehicle
+    classes into 5 chunks each, so every task holds an animal and one task holds two animals".
+    Read literally: the animals form five chunks, four of one animal and one of two; the
+    vehicles form five chunks, four of one vehicle and one empty; task i joins animal chunk i
+    and vehicle chunk i. Every task has two classes only if the two-animal chunk meets the
+    empty vehicle chunk, so: four tasks of (animal, vehicle), one task of two animals, no task
+    of two vehicles, all ten classes used once. (Pairing the chunks in the order
+    `numpy.array_split` leaves them would give tasks of 3, 2, 2, 2 and 1 classes instead,
+    against "tasks of two classes".) Random per seed: the animals' order, the vehicles' order,
+    and the position of the two-animal task.
+
+    Args:
+        generator: source of randomness (one seed, one split).
+        n_tasks: number of tasks, at most 5 (the first `n_tasks` of the five).
+
+    Returns:
+        The pairs, each sorted ascending.
+
+    Raises:
+        InputError: more tasks than the classes allow.
+    """
+    _check_tasks(n_tasks)
+    animals = [CIFAR_ANIMALS[i] for i in torch.randperm(6, generator=generator).tolist()]
+    vehicles = [CIFAR_VEHICLES[i] for i in torch.randperm(4, generator=generator).tolist()]
+    two_animals = int(torch.randint(0, 5, (1,), generator=generator))
+    pairs = [(a, v) for a, v in zip(animals[:4], vehicles, strict=True)]
+    pairs.insert(two_animals, (animals[4], animals[5]))
+    return [(min(a, b), max(a, b)) for a, b in pairs][:n_tasks]
 
 
 def task_rows(scenario: Scenario, digits: tuple[int, int]) -> tuple[int, ...]:
@@ -98,12 +176,15 @@ def task_rows(scenario: Scenario, digits: tuple[int, int]) -> tuple[int, ...]:
 def task_labels(
     scenario: Scenario, digits: tuple[int, int], y: Tensor, domain_label: DomainLabel = "parity"
 ) -> Tensor:
-    """Digit labels of a task's samples as positions in its `task_rows` (Domain-IL: the digit's
-    parity, or with `domain_label="position"` which digit of the pair)."""
+    """Class labels of a task's samples as positions in its `task_rows` (Domain-IL: the
+    digit's parity, animal (0) or vehicle (1), or with `domain_label="position"` which class
+    of the pair)."""
     if scenario == "class":
         return y.clone()
     if scenario == "domain" and domain_label == "parity":
         return (y % 2).to(torch.int64)
+    if scenario == "domain" and domain_label == "animal-vehicle":
+        return torch.isin(y, torch.tensor(CIFAR_VEHICLES)).to(torch.int64)
     return (y == digits[1]).to(torch.int64)
 
 
@@ -131,21 +212,28 @@ def split_pairs(
 
     Args:
         scenario: "task", "domain" or "class".
-        pairs: the class pairs, in task order (see `draw_pairs`).
+        pairs: the class pairs, in task order (see `draw_even_odd_pairs`,
+            `draw_animal_vehicle_pairs`, `draw_pairs`).
         train: (x, y) of the train split (x: (n, *input_shape)); y holds classes 0-9.
         test: (x, y) of the test split.
         train_limit: keep at most this many training samples per task (quick runs).
         test_limit: keep at most this many test samples per task (quick runs).
-        domain_label: Domain-IL labels: "parity" (digit mod 2) or "position" (which of the pair).
+        domain_label: Domain-IL labels: "parity" (digit mod 2), "animal-vehicle" (CIFAR-10:
+            0 animal, 1 vehicle) or "position" (which of the pair).
 
     Returns:
         One `SplitTask` per pair.
 
     Raises:
-        InputError: unknown scenario, or pairs that overlap or are not digits.
+        InputError: unknown scenario or Domain-IL label, or pairs that overlap or are not
+            digits.
     """
     if scenario not in SCENARIOS:
         raise InputError(f"unknown scenario '{scenario}'; expected one of {', '.join(SCENARIOS)}")
+    if domain_label not in DOMAIN_LABELS:
+        raise InputError(
+            f"unknown Domain-IL label '{domain_label}'; expected one of {', '.join(DOMAIN_LABELS)}"
+        )
     seen = [d for pair in pairs for d in pair]
     if len(set(seen)) != len(seen) or not all(0 <= d < N_DIGITS for d in seen):
         raise InputError(f"task pairs must be disjoint digits 0-9; got {list(pairs)}")

@@ -1,0 +1,359 @@
+"""Replay buffers and LIDs recomputed on them (verifier.cl.buffers, verifier.cl.replay), A-GEM at
+the same buffer sizes, and a tiny Split-MNIST benchmark run with buffer methods."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from verifier.certify import certify_samples
+from verifier.cl.baselines import AGEM
+from verifier.cl.buffers import BUFFER_SIZES, LARGE, MEDIUM, SMALL, BufferSize, buffer_order
+from verifier.cl.heads import pin_zero_width, restrict_box, restrict_graph
+from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, held_out_view, train_projected
+from verifier.cl.network import LinearHead, SplitMnistCNN, network_graph
+from verifier.cl.replay import (
+    Constraint,
+    ReplayConfig,
+    loosen_targets,
+    recompute_lid,
+    run_replay_sequence,
+    train_replay,
+)
+from verifier.cl.scenarios import Scenario, SplitTask, split_pairs
+from verifier.cl.training import TrainConfig, TrainingData
+from verifier.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+SEARCH = PAPER_SEARCH.model_copy(
+    update={"iterations": 20, "checkpoint_every": 5, "batch_size": 100, "target_slack": 0.02}
+)
+TINY_BUFFER = BufferSize("TINY", (60, 40), repeats=2, chunk_size=20)
+
+
+def _feature_tasks(
+    scenario: Scenario, *, n_train: int = 30, n_test: int = 40, seed: int = 0, dim: int = 8
+) -> list[SplitTask]:
+    """Three tasks of Gaussian clusters (10 classes, `n_train` / `n_test` per class)."""
+    gen = torch.Generator().manual_seed(seed)
+    means = 3.0 * torch.randn(10, dim, generator=gen)
+
+    def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(10).repeat_interleave(per_class)
+        return means[y] + torch.randn(y.numel(), dim, generator=gen), y
+
+    return split_pairs(scenario, [(0, 1), (2, 3), (4, 5)], draw(n_train), draw(n_test))
+
+
+def _rows_of(x: torch.Tensor) -> set[tuple[float, ...]]:
+    return {tuple(r) for r in x.flatten(1).tolist()}
+
+
+# ---- buffers ---------------------------------------------------------------------------
+
+
+def test_named_sizes_totals_chunks_and_repeats() -> None:
+    assert [b.total for b in (SMALL, MEDIUM, LARGE)] == [1000, 5000, 15000]
+    assert [b.repeats for b in (SMALL, MEDIUM, LARGE)] == [1, 3, 7]
+    assert set(BUFFER_SIZES) == {"SMALL", "MEDIUM", "LARGE"}
+    for size in (SMALL, MEDIUM, LARGE):
+        assert size.chunk_size == 200
+        assert all(a % 200 == 0 for a in size.per_task)
+        assert list(size.per_task) == sorted(size.per_task, reverse=True)  # earlier: more
+        assert size.allocation(4) == 0  # the last task stores nothing
+    assert LARGE.per_task == (4400, 3800, 3800, 3000)
+
+
+@pytest.mark.parametrize("size", [SMALL, MEDIUM, LARGE])
+def test_buffers_grow_by_chunks_up_to_the_allocation(size: BufferSize) -> None:
+    for j in range(4):
+        chunks = size.allocation(j) // size.chunk_size
+        sizes = [size.in_use(j, grown, 10**6) for grown in range(size.repeats + 1)]
+        assert sizes[0] == size.step(j) * size.chunk_size > 0
+        assert sizes[-1] == size.allocation(j)  # the last repeat uses the whole allocation
+        assert all(s % size.chunk_size == 0 for s in sizes)
+        assert all(b >= a for a, b in zip(sizes, sizes[1:], strict=False))
+        assert all(
+            b - a <= size.step(j) * size.chunk_size for a, b in zip(sizes, sizes[1:], strict=False)
+        )
+        assert size.in_use(j, 100, 10**6) == chunks * size.chunk_size  # never past it
+        assert size.in_use(j, 0, 150) == min(150, sizes[0])  # a small split: all of it
+    assert LARGE.in_use(0, 0, 10**6) == 600 and LARGE.in_use(0, 1, 10**6) == 1200
+
+
+def test_buffer_order_is_a_seeded_permutation_and_bad_sizes_fail() -> None:
+    task = _feature_tasks("domain")[1]
+    order = buffer_order(task, 3)
+    assert sorted(order.tolist()) == list(range(task.x_train.shape[0]))
+    assert torch.equal(order, buffer_order(task, 3))
+    assert not torch.equal(order, buffer_order(task, 4))
+    with pytest.raises(InputError, match="multiple of 200"):
+        BufferSize("BAD", (300,), repeats=1)
+    with pytest.raises(InputError, match="repeats"):
+        BufferSize("BAD", (200,), repeats=-1)
+
+
+def test_agem_stores_the_buffers_allocation_and_samples() -> None:
+    tasks = _feature_tasks("domain", n_train=30)  # 60 training samples per task
+    size = BufferSize("S", (40, 20), repeats=1, chunk_size=20)
+    agem = AGEM(size, buffer_seed=5)
+    model = LinearHead(8, torch.Generator().manual_seed(0))
+    for t, task in enumerate(tasks):
+        agem.after_task(model, task, tasks[:t])
+    assert [len(d) for d in agem.per_task] == [40, 20, 0]
+    for task, data in zip(tasks, agem.per_task, strict=True):
+        keep = buffer_order(task, 5)[: size.stored(task.index, 60)]
+        assert torch.equal(data.x, task.x_train[keep])
+        assert torch.equal(data.y, task.y_train[keep])
+    assert agem.memory is not None and len(agem.memory) == 60
+    assert AGEM(LARGE).memory_size is LARGE and AGEM(MEDIUM).memory_size.total == 5000
+
+
+# ---- the recomputed LID and projected replay training ----------------------------------
+
+
+def _trained_head(tasks: list[SplitTask]) -> LinearHead:
+    model = LinearHead(8, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(2)
+    for task in tasks:
+        train_projected(model, task, None, TrainConfig(epochs=20, batch_size=16, lr=0.02), gen)
+    return model
+
+
+def _constraints(model: Any, tasks: list[SplitTask], n: int | None = None) -> list[Constraint]:
+    out = []
+    for task in tasks:
+        x, y = task.x_train[:n], task.y_train[:n]
+        graph = restrict_graph(network_graph(model), task.rows)
+        with torch.no_grad():
+            clean = float((graph(x).argmax(1) == y).double().mean())
+        assert clean > 0.2  # above chance: the constraints are not trivial
+        out.append(Constraint(task, x, y, clean - 0.1, task.x_test.shape[0]))
+    return out
+
+
+@pytest.mark.parametrize("scenario", ["domain", "task", "class"])
+def test_recomputed_lid_meets_every_previous_tasks_constraint(scenario: Scenario) -> None:
+    tasks = _feature_tasks(scenario)
+    model = _trained_head(tasks[:2])
+    constraints = _constraints(model, tasks[:2])
+    config = LidConfig(search=SEARCH, boxed="all")
+    lid = recompute_lid(model, constraints, config, torch.Generator().manual_seed(0))
+    assert lid.feasible
+    graph = network_graph(model)
+    assert lid.box.contains(graph.parameters)  # centred on the current weights
+    assert lid.searched.size("mean_width") > 0
+    for c, rate, aim in zip(constraints, lid.rates, lid.search_targets, strict=True):
+        sub = restrict_graph(graph, c.task.rows)
+        pinned, rest = pin_zero_width(sub, restrict_box(lid.box, graph, c.task.rows))
+        mask, _ = certify_samples(pinned, rest, c.x, c.y, method="ibp")  # float64 proof
+        proved = float(mask.double().mean())
+        assert proved >= aim >= c.target - 1e-12  # every constraint, on the whole search data
+        assert proved >= rate - 1e-12
+
+
+def test_recomputed_head_lid_on_the_cnn_pins_the_convolutions_and_frees_unread_rows() -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = SplitMnistCNN(gen)
+    x = torch.rand(60, 1, 28, 28, generator=gen)
+    with torch.no_grad():
+        logits = model(x)
+    tasks = []
+    for index, rows in enumerate([(0, 1), (2, 3)]):
+        y = logits[:, list(rows)].argmax(1)  # the network's own masked predictions: clean 1.0
+        tasks.append(SplitTask(index, rows, rows, x, y, x, y))
+    constraints = [Constraint(t, t.x_train, t.y_train, 0.9, 60) for t in tasks]
+    config = LidConfig(search=SEARCH, boxed="head")
+    lid = recompute_lid(model, constraints, config, torch.Generator().manual_seed(1))
+    assert lid.feasible and min(lid.rates) >= 0.9
+    for name in ("conv0.weight", "conv0.bias", "conv1.weight", "conv1.bias"):
+        assert torch.equal(lid.box.lower[name], lid.box.upper[name])  # frozen body
+    rows_4_to_9 = lid.box.upper["fc.bias"][4:] - lid.box.lower["fc.bias"][4:]
+    assert float(rows_4_to_9.min()) > 100  # rows no constraint reads stay free
+    assert set(lid.searched.lower) == {"fc.weight", "fc.bias"}
+
+
+def test_projected_replay_training_stays_inside_the_lid() -> None:
+    tasks = _feature_tasks("domain")
+    model = _trained_head(tasks[:1])
+    lid = recompute_lid(
+        model,
+        _constraints(model, tasks[:1]),
+        LidConfig(search=SEARCH),
+        torch.Generator().manual_seed(0),
+    )
+    free = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffer = TrainingData.of_task(tasks[0])
+    for network, box in ((model, lid.box), (free, None)):
+        train_replay(
+            network,
+            TrainingData.of_task(tasks[1]),
+            TrainingData(buffer.x[:20], buffer.y[:20], buffer.rows[:20]),
+            box,
+            TrainConfig(epochs=3, lr=0.05),
+            torch.Generator().manual_seed(1),
+            replay_batch=8,
+        )
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    assert lid.box.contains(params)
+    assert any(not torch.equal(params[n], before[n]) for n in params)  # it trained
+    assert not lid.box.contains(dict(free.named_parameters()))  # unprojected, it leaves
+
+
+# ---- the whole protocol -----------------------------------------------------------------
+
+
+def _config(**changes: Any) -> ReplayConfig:
+    search = SEARCH.model_copy(update={"iterations": 10})
+    return ReplayConfig(search=search, buffer=TINY_BUFFER, beta=0.01, **changes)
+
+
+def test_certificates_use_only_held_out_samples_and_buffers_only_training_samples() -> None:
+    tasks = _feature_tasks("domain")
+    config = _config(search_data="test", certification_fraction=0.5, split_seed=7)
+    run = run_replay_sequence(
+        LinearHead(8, torch.Generator().manual_seed(0)),
+        tasks,
+        TrainConfig(epochs=2),
+        config,
+        torch.Generator().manual_seed(1),
+        scenario="domain",
+    )
+    n = len(tasks)
+    assert run.matrix.shape == run.certified.shape == (n, n)
+    assert len(run.stages) == n
+    for t in range(n):
+        assert all(0.0 <= float(run.certified[t, j]) <= 1.0 for j in range(t + 1))
+    for j, task in enumerate(tasks):
+        x_cert, y_cert = run.held_out[j]
+        view = held_out_view(task, 0.5, 7)
+        assert torch.equal(x_cert, view.x_test)
+        searched = _rows_of(view.x_train)  # τ and the repeat rule's accuracy
+        held = _rows_of(x_cert)
+        assert held.isdisjoint(_rows_of(task.x_train))  # buffers, training
+        assert held.isdisjoint(searched)
+        idx = run.buffer_indices[j]
+        assert all(0 <= i < task.x_train.shape[0] for i in idx.tolist())
+        assert len(set(idx.tolist())) == idx.numel()
+        for stage in run.stages[j:]:
+            cert = stage.certificates[j]
+            assert cert.n == x_cert.shape[0]  # exactly the held-out part, nothing else
+    sizes = [r.buffer_sizes for r in run.rounds]
+    assert all(s % TINY_BUFFER.chunk_size == 0 for row in sizes for s in row)
+    assert run.buffer_indices[n - 1].numel() == 0  # the last task stores nothing
+
+
+def test_repeat_rule_stops_at_the_limit_and_the_loosening_rule_loosens_the_closest() -> None:
+    tasks = _feature_tasks("task")
+    config = _config(repeat_target=1.0, min_gain=1.0)  # never reached; every repeat loosens
+    run = run_replay_sequence(
+        LinearHead(8, torch.Generator().manual_seed(0)),
+        tasks,
+        TrainConfig(epochs=1),
+        config,
+        torch.Generator().manual_seed(1),
+        scenario="task",
+    )
+    checked = 0
+    for i in (1, 2):
+        rounds = [r for r in run.rounds if r.task == i]
+        if any(r.accuracy >= 1.0 for r in rounds):
+            continue  # reached 1.0 (stops early, never past the limit)
+        checked += 1
+        assert [r.round for r in rounds] == list(range(TINY_BUFFER.repeats + 1))
+        for before, after in zip(rounds, rounds[1:], strict=False):
+            if before.loosened is None:
+                assert after.targets == before.targets
+                continue
+            margins = [rate - tau for rate, tau in zip(before.rates, before.targets, strict=True)]
+            assert before.loosened == margins.index(min(margins))
+            for k, (old, new) in enumerate(zip(before.targets, after.targets, strict=True)):
+                expected = max(0.0, old - 0.01) if k == before.loosened else old
+                assert new == pytest.approx(expected, abs=1e-12)
+        assert rounds[0].loosened is None  # round 0 has no gain
+        assert rounds[1].loosened is not None  # gain < 1.0 and another repeat follows
+        assert rounds[-1].loosened is None  # no repeat follows the last one
+        assert rounds[1].buffer_sizes[-1] > rounds[0].buffer_sizes[-1]  # more chunks
+    assert checked >= 1
+    easy = run_replay_sequence(
+        LinearHead(8, torch.Generator().manual_seed(0)),
+        tasks,
+        TrainConfig(epochs=1),
+        _config(repeat_target=0.0),
+        torch.Generator().manual_seed(1),
+        scenario="task",
+    )
+    assert [r.round for r in easy.rounds] == [0, 0]  # met at once: no repeat
+
+
+def test_loosen_targets_picks_the_smallest_margin() -> None:
+    targets, index = loosen_targets([0.8, 0.5, 0.7], [0.9, 0.53, 0.71], 0.01)
+    assert index == 2 and targets == pytest.approx([0.8, 0.5, 0.69])
+    targets, index = loosen_targets([0.005], [0.0], 0.01)
+    assert index == 0 and targets == [0.0]
+    with pytest.raises(InputError):
+        loosen_targets([0.5], [], 0.01)
+
+
+def test_look_ahead_is_refused() -> None:
+    tasks = _feature_tasks("domain")
+    with pytest.raises(InputError, match="look-ahead"):
+        run_replay_sequence(
+            LinearHead(8, torch.Generator().manual_seed(0)),
+            tasks,
+            TrainConfig(epochs=1),
+            _config(lookahead=0.5),
+            torch.Generator().manual_seed(1),
+            scenario="domain",
+        )
+
+
+def test_replay_config_of_keeps_the_lid_settings() -> None:
+    lid = LidConfig(search=SEARCH, boxed="all", lookahead=0.5, search_data="test", tolerance=0.1)
+    config = ReplayConfig.of(lid, LARGE, active_classes=True)
+    assert config.buffer is LARGE and config.lookahead == 0.0 and config.active_classes
+    assert (config.boxed, config.search_data, config.tolerance) == ("all", "test", 0.1)
+    assert config.search is SEARCH and isinstance(config, LidConfig)
+
+
+# ---- the benchmark ------------------------------------------------------------------------
+
+
+def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "split_mnist_benchmark", ROOT / "benchmarks" / "split_mnist.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_tiny_benchmark_run_with_buffer_methods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _benchmark_module(monkeypatch)
+    out, plots, raw = tmp_path / "r.md", tmp_path / "plots", tmp_path / "raw.json"
+    argv = ["--tiny", "--workers", "0", "--scenarios", "domain", "--buffers", "SMALL"]
+    argv += ["--methods", "LID buffer SMALL", "A-GEM buffer SMALL"]
+    argv += ["--out", str(out), "--plots", str(plots), "--raw", str(raw)]
+    assert bench.main(argv) == 0
+    results = json.loads(raw.read_text(encoding="utf-8"))["results"]
+    assert {r["method"] for r in results} == {"LID buffer SMALL", "A-GEM buffer SMALL"}
+    lid = next(r for r in results if r["method"] == "LID buffer SMALL")
+    assert lid["buffer"]["size"] == "SMALL" and lid["buffer"]["rounds"]
+    assert all(0.0 <= v <= 1.0 for v in lid["certified"][-1])
+    assert not math.isnan(lid["matrix"][-1][0])
+    text = out.read_text(encoding="utf-8")
+    assert "| LID buffer SMALL |" in text and "| A-GEM buffer SMALL |" in text
