@@ -3,9 +3,10 @@ task, inside its whole-network LID, inside its head-only LID, and unconstrained.
 
 Task 1 is CIFAR-10 (the spec's task); Task 2 is CIFAR-10 under a brightness/contrast shift,
 x -> clip(CONTRAST * x + BRIGHTNESS, 0, 1) (washed-out, low-contrast images), learnt by Adam
-(lr 1e-3, batch 64) on the first `--n-train` shifted training images, projecting onto the LID
-after every step (parameters a LID does not box stay at their trained values). Scored on the
-shifted and the plain CIFAR-10 test split (all 10,000 images). The Task-1 certificate of each
+(lr 1e-3, batch 64) on `--n-train` shifted training images (a seeded random subset: the split
+is stored class by class), projecting onto the LID after every step (parameters a LID does not
+box stay at their trained values). Scored on the shifted and the plain CIFAR-10 test split
+(all 10,000 images). The Task-1 certificate of each
 LID is the held-out certificate `verifier run` wrote beside it (`certificate.json`): it holds
 for every network in the LID, so for the fine-tuned one (the script checks it lies inside).
 
@@ -120,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     graph = load_graph(args.model)
     theta0 = {n: t.detach() for n, t in graph.parameters.items()}
     train, test = load_dataset("cifar10", split="train"), load_dataset("cifar10", split="test")
-    x2, y2 = shifted(train.x[: args.n_train]), train.y[: args.n_train]
+    # the train split is stored class by class: draw a seeded subset of every class
+    pick = torch.randperm(len(train.y), generator=torch.Generator().manual_seed(args.seed))
+    pick = pick[: args.n_train]
+    x2, y2 = shifted(train.x[pick]), train.y[pick]
     xt2 = shifted(test.x)
     print(
         f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch "
@@ -145,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (
                 name,
                 pinned(box, theta0),
-                f"{box.n_parameters:,}",
+                f"{box.n_parameters():,}",
                 f"{box.size('mean_width'):.3g}",
                 certificate_text(Path(folder)),
             )

@@ -338,3 +338,26 @@ def test_group_help_lists_every_command() -> None:
     assert result.exit_code == 0, result.output
     for name in cli.commands:
         assert re.search(rf"^\s+{re.escape(name)}\s", result.stdout, re.MULTILINE), name
+
+
+@pytest.mark.filterwarnings(
+    "ignore:You are using the legacy TorchScript-based ONNX export:DeprecationWarning"
+)
+def test_bab_on_a_cnn_exits_2_before_the_search_and_writes_nothing(tmp_path: Path) -> None:
+    from tests.model_zoo import TORCH_MODELS, export_torch
+
+    model = export_torch("cnn_geometry", "legacy", tmp_path)
+    shape = TORCH_MODELS["cnn_geometry"][1]
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=rng.random((40, *shape)).astype(np.float32), y=rng.integers(0, 2, 40))
+    spec = write_spec(
+        tmp_path,
+        model=str(model.path),
+        data={"name": str(data)},
+        certify={"method": "bab"},
+    )
+    out = tmp_path / "out"
+    line = assert_bad_input(invoke("run", spec, "-o", out), r"node .*branch and bound")
+    assert "conv" in line.lower()
+    assert not (out / "lid.safetensors").exists() and not (out / "certificate.json").exists()

@@ -26,6 +26,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from verifier.bounds.bab import BabOptions, bab_margin_bounds
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.linear import linear_margin_bounds
 from verifier.bounds.margins import MarginBounds, combine_margin_bounds
@@ -37,7 +38,7 @@ from verifier.graph import Graph
 
 BoundKind = Literal["clopper-pearson", "hoeffding"]
 Metric = Literal["accuracy", "balanced_accuracy"]
-CertMethod = Literal["ibp", "midrad", "linear", "crown-ibp", "best"]
+CertMethod = Literal["ibp", "midrad", "linear", "crown-ibp", "best", "bab"]
 
 
 def clopper_pearson_lower(k: int, n: int, beta: float) -> float:
@@ -155,6 +156,7 @@ def certify_samples(
     method: CertMethod = "ibp",
     chunk_size: int = 256,
     on_chunk: Callable[[int], None] | None = None,
+    bab: BabOptions | None = None,
 ) -> tuple[Tensor, int]:
     """Prove, in float64, which samples every network in the box classifies correctly.
 
@@ -169,11 +171,14 @@ def certify_samples(
         method: "ibp" (exact intervals), "midrad", "linear" (back-substitution over the box,
             `verifier.bounds.linear`), "crown-ibp" (auto_LiRPA, Linear boxes only) or "best"
             (per sample and class the tighter of "ibp" and "linear"; both carry a derived
-            float64 rounding allowance).
+            float64 rounding allowance) or "bab" ("best", then branch and bound,
+            `verifier.bounds.bab`, on the margins it leaves unproved; chains of Linear and
+            ReLU only; runs in this process whatever the backend).
         chunk_size: most samples per bound pass; fewer where a memory budget is set
             (`verifier.bounds.memory`), and margin rows in groups where one sample's rows do
             not fit. The mask and count are the same whatever the chunking.
         on_chunk: called with the number of samples done after each chunk.
+        bab: branch-and-bound budget for method "bab" (default `BabOptions()`).
 
     Returns:
         (certified mask of shape (n,), number of samples whose bounds were NaN or Inf).
@@ -184,7 +189,9 @@ def certify_samples(
     plan = proof_plan(graph, box, method, chunk_size)
     chunk_size = plan.samples
     backend = _BACKEND.get()
-    if backend is not None:  # issue 22: e.g. Ray tasks; the backend's own calls run here
+    if (
+        backend is not None and method != "bab"
+    ):  # issue 22: e.g. Ray tasks; the backend's own calls run here
         with certification_backend(None):
             return backend(
                 graph, box, x, y, method=method, chunk_size=chunk_size, on_chunk=on_chunk
@@ -198,9 +205,9 @@ def certify_samples(
             yb = y[start : start + chunk_size].to(device)
             ok = torch.zeros(xb.shape[0], dtype=torch.bool, device=device)
             if isinstance(box64, Zonotope):
-                proofs = _zonotope_proofs(graph, box64, xb, yb, method, plan.rows)
+                proofs = _zonotope_proofs(graph, box64, xb, yb, method, plan.rows, bab)
             else:
-                proofs = _proofs(graph, box64, xb, yb, method, plan.rows)
+                proofs = _proofs(graph, box64, xb, yb, method, plan.rows, bab)
             for bounds in proofs:
                 ok |= bounds.certified()
             first = proofs[0].lower
@@ -223,10 +230,11 @@ def proof_plan(
         k = next(iter(domain.generators.values())).shape[0] if domain.generators else 0
         cost = bound_pass_cost(graph, "zonotope", generators=k)
         if method != "ibp":
-            hull = bound_pass_cost(graph, "linear" if method == "best" else method)
+            hull_method = "linear" if method == "best" or method == "bab" else method
+            hull = bound_pass_cost(graph, hull_method)
             cost = replace(cost, per_row=max(cost.per_row, hull.per_row))
     else:
-        cost = bound_pass_cost(graph, method)
+        cost = bound_pass_cost(graph, "best" if method == "bab" else method)
     return plan_pass(cost, budget, samples=chunk_size)
 
 
@@ -237,19 +245,26 @@ def _proofs(
     y: Tensor,
     method: CertMethod,
     max_rows: int | None = None,
+    bab: BabOptions | None = None,
 ) -> list[MarginBounds]:
     out = []
-    if method in ("ibp", "best"):
+    if method in ("ibp", "best", "bab"):
         out.append(margin_bounds(graph, box.lower, box.upper, x, y, track_rounding=True))
     if method == "midrad":
         out.append(
             margin_bounds(graph, box.lower, box.upper, x, y, rule="midrad", track_rounding=True)
         )
-    if method in ("linear", "best"):
+    if method in ("linear", "best", "bab"):
         linear = linear_margin_bounds(
             graph, box.lower, box.upper, x, y, track_rounding=True, max_rows=max_rows
         )
-        out = [combine_margin_bounds(out[0], linear)] if method == "best" else [linear]
+        out = [combine_margin_bounds(out[0], linear)] if method != "linear" else [linear]
+    if method == "bab":  # branch and bound where intervals and linear bounds fall short
+        out = [
+            bab_margin_bounds(
+                graph, box.lower, box.upper, x, y, track_rounding=True, options=bab, base=out[0]
+            )
+        ]
     if method == "crown-ibp":
         from verifier.bounds.lirpa import lirpa_margin_bounds
 
@@ -269,16 +284,17 @@ def _zonotope_proofs(
     y: Tensor,
     method: CertMethod,
     max_rows: int | None = None,
+    bab: BabOptions | None = None,
 ) -> list[MarginBounds]:
     out = [
         zonotope_margin_bounds(
             graph, zonotope.lower, zonotope.upper, zonotope.generators, x, y, track_rounding=True
         )
     ]
-    if method in ("linear", "crown-ibp", "best"):
+    if method in ("linear", "crown-ibp", "best", "bab"):
         # the interval hull is a superset of the zonotope: a proof there holds for it too
         hull_method: CertMethod = "linear" if method == "best" else method
-        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, hull_method, max_rows))
+        out.extend(_proofs(graph, zonotope.interval_hull(), x, y, hull_method, max_rows, bab))
     return out
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from verifier.bounds.bab import BabOptions, check_bab_graph
 from verifier.certify import (
     CertMethod,
     TaskCertificate,
@@ -267,7 +268,11 @@ def certify_prepared(
     method: CertMethod,
 ) -> TaskCertificate:
     """The held-out certificate of one prepared task."""
-    mask, nonfinite = certify_samples(graph, box, task.x_cert, task.y_cert, method=method)
+    bab = spec.certify.bab
+    options = BabOptions(max_domains=bab.max_domains, timeout_s=bab.timeout_s, steps=bab.steps)
+    mask, nonfinite = certify_samples(
+        graph, box, task.x_cert, task.y_cert, method=method, bab=options
+    )
     return certify_task(
         mask,
         task.y_cert,
@@ -405,6 +410,8 @@ def _run_lid(
     # issue 11: the whole model, or its suffix after the frozen prefix (onnxruntime)
     graph = load_bounded_graph(model_path, spec.parameters, on_batch=prefix_progress(phase))
     names = select_parameters(graph, spec.parameters)
+    if spec.certify.method == "bab":  # refuse before the search, not after it
+        check_bab_graph(graph)
     outer, outer_lid = None, None
     if spec.outer_box is not None:  # issue 7: task sequences, LID_t inside LID_{t-1}
         outer_lid = load_outer(spec.outer_box, graph.parameters, names)

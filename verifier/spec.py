@@ -235,6 +235,22 @@ class LadderSection(_Section):
         return tuple(sorted(value, reverse=True))
 
 
+class BabSection(_Section):
+    """Branch and bound for `certify.method: bab` (`verifier.bounds.bab`): applied per margin
+    that intervals and linear bounds leave unproved; deterministic unless timeout_s is set."""
+
+    max_domains: int = Field(
+        200, ge=0, description="Domains bounded per margin (split children and polishing runs)."
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0.0,
+        description="Seconds per margin; null: none (a time limit makes `verifier verify`'s "
+        "recomputation machine-dependent).",
+    )
+    steps: int = Field(20, ge=0, description="Adam steps on slopes and multipliers per domain.")
+
+
 class CertifySection(_Section):
     """The held-out finite-sample certificate."""
 
@@ -244,12 +260,14 @@ class CertifySection(_Section):
     )
     beta: float = Field(1e-3, gt=0.0, lt=0.5)
     bound: Literal["clopper-pearson", "hoeffding"] = "clopper-pearson"
-    method: Literal["ibp", "midrad", "linear", "crown-ibp", "best"] = Field(
+    method: Literal["ibp", "midrad", "linear", "crown-ibp", "best", "bab"] = Field(
         "ibp",
         description="Bound that proves samples: ibp, midrad, linear (our back-substitution over "
-        "the box), crown-ibp (auto_LiRPA, Linear boxes only) or best (per sample and class the "
-        "tighter of ibp and linear). Default: best when search.bound is linear, else ibp.",
+        "the box), crown-ibp (auto_LiRPA, Linear boxes only), best (per sample and class the "
+        "tighter of ibp and linear) or bab (best, then branch and bound on the margins it "
+        "leaves unproved; MLPs only). Default: best when search.bound is linear, else ibp.",
     )
+    bab: BabSection = BabSection()
     split_seed: int = 0
     ladder: LadderSection = LadderSection()
 

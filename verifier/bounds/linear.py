@@ -157,7 +157,7 @@ def linear_margin_bounds(
     batch, n_classes = x.shape[0], graph.n_classes
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be >= 1; got {max_rows}")
-    engine = _Engine(graph, lower, upper, x, intermediate, track_rounding, max_rows)
+    engine = LinearEngine(graph, lower, upper, x, intermediate, track_rounding, max_rows)
     if classes is None:
         rank = torch.arange(n_classes - 1, device=x.device)[None, :]
         others = rank + (rank >= y[:, None]).long()  # every class but y, in order
@@ -172,7 +172,7 @@ def linear_margin_bounds(
         search = engine
         if track_rounding or _needs_grad(lower, upper, x):  # optimise on a plain, detached copy
             with torch.no_grad():
-                search = _Engine(
+                search = LinearEngine(
                     graph,
                     {k: v.detach() for k, v in lower.items()},
                     {k: v.detach() for k, v in upper.items()},
@@ -197,7 +197,7 @@ def linear_margin_bounds(
     return mask_true_class(margins, rounding, y)
 
 
-class _Engine:
+class LinearEngine:
     """Enclosures of every tensor (interval pass, optionally refined) and the backward walker."""
 
     def __init__(
@@ -291,7 +291,7 @@ def _needs_grad(lower: Mapping[str, Tensor], upper: Mapping[str, Tensor], x: Ten
     return x.requires_grad or any(t.requires_grad for t in (*lower.values(), *upper.values()))
 
 
-def _optimise_slopes(engine: _Engine, rows: Tensor, steps: int, lr: float) -> Slopes:
+def _optimise_slopes(engine: LinearEngine, rows: Tensor, steps: int, lr: float) -> Slopes:
     """Per-row activation slopes that maximise the margin bounds (projected Adam).
 
     `engine` must not track gradients to the corners nor rounding; the slopes are returned

@@ -25,7 +25,7 @@ the first boxed layer. Rules (`verifier.bounds.linear` derives the rounding char
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +81,26 @@ class BackSubstitution:
         self._relaxations: dict[str, Relaxation] = {}
         self._index = {op.output: i for i, op in enumerate(graph.ops)}
 
-    def run(self, target: str, lam: Tensor, *, slopes: Slopes | None = None) -> Ledger:
+    def run(
+        self,
+        target: str,
+        lam: Tensor,
+        *,
+        slopes: Slopes | None = None,
+        extra: Mapping[str, Tensor] | None = None,
+        capture: Collection[str] = (),
+    ) -> Ledger:
         """Lower-bound lam . target for every weight in the box.
 
         Args:
             target: a tensor name.
             lam: coefficients, shape (batch, rows, *target_shape).
             slopes: per-row activation slopes overriding CROWN's (the optimiser's), or None.
+            extra: coefficients (batch, rows, *shape) on tensors upstream of the target, added
+                to the objective: the pass bounds lam . target + sum extra . tensor (branch and
+                bound's Lagrangian terms on split pre-activations, `verifier.bounds.bab`).
+            capture: tensor names whose total coefficients the pass keeps in
+                `ledger.captured` (branching scores).
 
         Returns:
             The ledger: `const` is the lower bound of each row, `rounding()` its allowance.
@@ -95,10 +108,14 @@ class BackSubstitution:
         ledger = Ledger(lam.shape[0], lam.shape[1], lam, track=self.track)
         pending: dict[str, Tensor] = {}
         self._send(target, lam, pending, ledger)
+        for name, coefficients in (extra or {}).items():
+            self._send(name, coefficients, pending, ledger)
         stop = self._index.get(target, -1)
         for op in reversed(self.graph.ops[: stop + 1]):
             out = pending.pop(op.output, None)
             if out is not None:
+                if op.output in capture:
+                    ledger.captured[op.output] = out
                 self._step(op, out, pending, ledger, slopes)
         for name, rest in pending.items():  # only the graph input can be left, and it is a point
             self._concretise(name, rest, ledger)

@@ -134,6 +134,8 @@ class Ledger:
         self._piece_magnitude = torch.zeros_like(self.const) if track else None
         self._error = torch.zeros_like(self.const) if track else None
         self._charges = 0
+        self.captured: dict[str, Tensor] = {}
+        """Coefficients the pass reached named tensors with (`BackSubstitution.run`'s capture)."""
 
     def add(self, piece: Tensor) -> None:
         """Add a constant piece of shape (batch, rows) to every row's bound."""

@@ -79,6 +79,13 @@ def native_stdout_to_stderr() -> Iterator[None]:
     help="Worker processes for the per-sample work (with --ray: the cluster's instead).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Falsifier seed.")
+@click.option(
+    "--bab-domains",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Also bound every margin by branch and bound on ReLU splits with this many domains "
+    "per margin (chains of Linear and ReLU only); default: not computed.",
+)
 @click.option("--split", default="test", show_default=True, help="Split of the data set.")
 @data_dir_option
 @JSON_OPT
@@ -103,6 +110,7 @@ def crosscheck(
     timeout_s: float,
     jobs: int,
     seed: int,
+    bab_domains: int | None,
     split: str,
     data_dir: Path | None,
     as_json: bool,
@@ -116,16 +124,19 @@ def crosscheck(
     (random and vertex weights, weight-space PGD) attain. Exits 1 when weights inside the LID
     contradict a bound (a soundness violation), 0 otherwise, 2 on bad input.
     """
+    from verifier.bounds.bab import BabOptions
     from verifier.crosscheck.document import run_crosscheck, write_crosscheck
     from verifier.crosscheck.falsify import FalsifierConfig
     from verifier.crosscheck.run import CrosscheckConfig, describe_violation
 
+    bab = None if bab_domains is None else BabOptions(max_domains=bab_domains, stop_at=None)
     config = CrosscheckConfig(
         exact=exact,  # type: ignore[arg-type]
         timeout_s=timeout_s,
         jobs=jobs,
         seed=seed,
         falsifier=FalsifierConfig(),
+        bab=bab,
     )
     bar: Any = None
 

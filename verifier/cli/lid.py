@@ -197,7 +197,7 @@ def run(
 )
 @click.option(
     "--method",
-    type=click.Choice(["ibp", "midrad", "linear", "crown-ibp", "best"]),
+    type=click.Choice(["ibp", "midrad", "linear", "crown-ibp", "best", "bab"]),
     default="ibp",
     show_default=True,
     help="Bound method of the proof.",

@@ -64,6 +64,7 @@ def margin_json(margin: MarginCheck) -> dict[str, Any]:
         "ibp": _finite(margin.ibp),
         "crown_ibp": _finite(margin.crown_ibp),
         "linear": _finite(margin.linear),
+        "bab": _finite(margin.bab),
         "exact": _finite(margin.exact_value),
         "exact_status": exact.status,
         "best_bound": _finite(margin.best_bound),
@@ -76,6 +77,7 @@ def margin_json(margin: MarginCheck) -> dict[str, Any]:
         "exact_note": exact.reason,
         "ibp_allowance": _finite(margin.ibp_allowance),
         "linear_allowance": _finite(margin.linear_allowance),
+        "bab_allowance": _finite(margin.bab_allowance),
         "violation": list(margin.violation_methods),
     }
 

@@ -1,10 +1,11 @@
 """The job behind `verifier crosscheck`: bounds, exact margins and falsifiers side by side.
 
 For every checked sample and every class j != y: the bound engine's margin lower bounds (our
-float64 IBP with its rounding allowance, and auto_LiRPA CROWN-IBP when every boxed parameter
-belongs to a Linear op), the exact worst-case margin (`verifier.crosscheck.exact`), and the
-smallest margin that concrete weights inside the box attain (`verifier.crosscheck.falsify`,
-plus the exact solver's witness or best solution).
+float64 IBP with its rounding allowance, our linear bounds, auto_LiRPA CROWN-IBP when every
+boxed parameter belongs to a Linear op, and branch and bound when `CrosscheckConfig.bab` is
+set), the exact worst-case margin (`verifier.crosscheck.exact`), and the smallest margin that
+concrete weights inside the box attain (`verifier.crosscheck.falsify`, plus the exact solver's
+witness or best solution).
 
 **Soundness violations.** A bound b with rounding allowance r claims margin >= b - r for every
 weight vector in the box (in exact arithmetic). A margin m attained by concrete weights is
@@ -33,6 +34,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from verifier.bounds.bab import BabOptions, bab_margin_bounds
 from verifier.bounds.ibp import margin_bounds
 from verifier.bounds.linear import linear_margin_bounds
 from verifier.bounds.margins import MarginBounds
@@ -79,6 +81,8 @@ class CrosscheckConfig:
         jobs: worker processes for the per-sample work (1: run in this process).
         seed: seed of the falsifiers' randomness (each sample gets its own stream).
         falsifier: falsifier effort.
+        bab: also bound every margin by branch and bound (`verifier.bounds.bab`, chains of
+            Linear and ReLU only) with these options; None: not computed.
     """
 
     exact: ExactOption = "auto"
@@ -86,6 +90,7 @@ class CrosscheckConfig:
     jobs: int = 1
     seed: int = 0
     falsifier: FalsifierConfig = field(default_factory=FalsifierConfig)
+    bab: BabOptions | None = None
 
     def __post_init__(self) -> None:
         if self.exact not in ("auto", "milp", "smt", "none"):
@@ -113,6 +118,8 @@ class MarginCheck:
         falsified_by: which falsifier attained it.
         violation_methods: bound methods whose claim an attained margin contradicts.
         witness: weights attaining the smallest margin, kept only for a violation.
+        bab: branch-and-bound lower bound (float64), or None when not computed.
+        bab_allowance: its derived rounding allowance, or None.
     """
 
     other: int
@@ -127,6 +134,8 @@ class MarginCheck:
     falsified_by: str
     violation_methods: tuple[str, ...] = ()
     witness: Mapping[str, Tensor] | None = field(default=None, repr=False)
+    bab: float | None = None
+    bab_allowance: float | None = None
 
     @property
     def exact_value(self) -> float | None:
@@ -148,8 +157,9 @@ class MarginCheck:
         if self.exact_value is not None:
             return self.exact_value
         candidates = [self.ibp, self.linear]
-        if self.crown_ibp is not None:
-            candidates.append(self.crown_ibp)
+        for value in (self.crown_ibp, self.bab):
+            if value is not None:
+                candidates.append(value)
         if self.exact.lower is not None:
             candidates.append(self.exact.lower)
         return max(candidates)
@@ -224,6 +234,7 @@ class CrosscheckResult:
         margins = [m for s in self.samples for m in s.margins]
         status = [m.exact.status for m in margins]
         crown = any(m.crown_ibp is not None for m in margins)
+        bab = any(m.bab is not None for m in margins)
         return {
             "n_samples": len(self.samples),
             "n_margins": len(margins),
@@ -234,12 +245,24 @@ class CrosscheckResult:
                 sum(bool(s.certified_crown_ibp) for s in self.samples) if crown else None
             ),
             "certified_linear": sum(s.certified_linear for s in self.samples),
+            "certified_bab": (
+                sum(
+                    all(
+                        m.bab is not None and m.bab - (m.bab_allowance or 0.0) > 0
+                        for m in s.margins
+                    )
+                    for s in self.samples
+                )
+                if bab
+                else None
+            ),
             "gaps": {
                 "ibp": _gap_stats([(m.exact_value, m.ibp) for m in margins]),
                 "linear": _gap_stats([(m.exact_value, m.linear) for m in margins]),
                 "crown_ibp": (
                     _gap_stats([(m.exact_value, m.crown_ibp) for m in margins]) if crown else None
                 ),
+                "bab": _gap_stats([(m.exact_value, m.bab) for m in margins]) if bab else None,
             },
             "gaps_to_falsified": {
                 "ibp": _gap_stats([(m.falsified, m.ibp) for m in margins]),
@@ -247,6 +270,7 @@ class CrosscheckResult:
                 "crown_ibp": (
                     _gap_stats([(m.falsified, m.crown_ibp) for m in margins]) if crown else None
                 ),
+                "bab": _gap_stats([(m.falsified, m.bab) for m in margins]) if bab else None,
             },
             "exact": {
                 "solved": status.count("optimal"),
@@ -271,6 +295,8 @@ def describe_violation(sample: SampleCheck, margin: MarginCheck) -> str:
         bounds.append(f"crown-ibp bound {margin.crown_ibp:.9g}")
     if "linear" in margin.violation_methods:
         bounds.append(f"linear bound {margin.linear:.9g} (allowance {margin.linear_allowance:.2g})")
+    if "bab" in margin.violation_methods and margin.bab is not None:
+        bounds.append(f"bab bound {margin.bab:.9g} (allowance {margin.bab_allowance or 0.0:.2g})")
     proved = sample.certified_ibp or sample.certified_crown_ibp or sample.certified_linear
     certified = "certified " if proved else ""
     return (
@@ -465,6 +491,21 @@ def crosscheck_samples(
     linear = linear_bounds(graph, box, x, y)
     assert linear.rounding is not None
     lin, lin_r = linear.lower, linear.rounding
+    babs: tuple[Tensor, Tensor] | None = None
+    if config.bab is not None:
+        box64 = box.to(torch.float64)
+        with torch.no_grad():
+            found = bab_margin_bounds(
+                graph,
+                box64.lower,
+                box64.upper,
+                x.to(torch.float64),
+                y,
+                options=config.bab,
+                track_rounding=True,
+            )
+        assert found.rounding is not None
+        babs = (found.lower, found.rounding)
     tasks = []
     for p in range(n):
         label = int(y[p])
@@ -476,6 +517,8 @@ def crosscheck_samples(
             if crown is not None and crown_r is not None:
                 claim = max(claim, _number(crown[p, j] - crown_r[p, j] - ibp_r[p, j]))
             claim = max(claim, _number(lin[p, j] - lin_r[p, j] - ibp_r[p, j]))
+            if babs is not None:
+                claim = max(claim, _number(babs[0][p, j] - babs[1][p, j] - ibp_r[p, j]))
             claims[j] = claim
         tasks.append(_Task(p, positions[p], x[p : p + 1].to(torch.float64), label, claims))
     outcomes: list[_Outcome | None] = [None] * n
@@ -514,7 +557,9 @@ def crosscheck_samples(
     samples = []
     for task, finished in zip(tasks, outcomes, strict=True):
         assert finished is not None
-        samples.append(_assemble(task, finished, (ibp, ibp_r), (crown, crown_r), (lin, lin_r)))
+        samples.append(
+            _assemble(task, finished, (ibp, ibp_r), (crown, crown_r), (lin, lin_r), babs)
+        )
     return CrosscheckResult(samples, config, crown_note, time.perf_counter() - started)
 
 
@@ -524,6 +569,7 @@ def _assemble(
     ibps: tuple[Tensor, Tensor],
     crowns: tuple[Tensor | None, Tensor | None],
     linears: tuple[Tensor, Tensor],
+    babs: tuple[Tensor, Tensor] | None = None,
 ) -> SampleCheck:
     (ibp, ibp_r), (crown, crown_r), (lin, lin_r) = ibps, crowns, linears
     p = task.position
@@ -540,6 +586,8 @@ def _assemble(
             exact=result,
             falsified=_number(outcome.falsified[j]),
             falsified_by=outcome.sources[j],
+            bab=None if babs is None else _number(babs[0][p, j]),
+            bab_allowance=None if babs is None else _number(babs[1][p, j]),
         )
         methods = []
         slack = check.ibp_allowance
@@ -550,6 +598,9 @@ def _assemble(
                 methods.append("crown-ibp")
         if check.linear - check.linear_allowance - slack > check.attained:
             methods.append("linear")
+        if check.bab is not None and check.bab_allowance is not None:
+            if check.bab - check.bab_allowance - slack > check.attained:
+                methods.append("bab")
         if methods:
             check = replace(
                 check, violation_methods=tuple(methods), witness=outcome.witnesses.get(j)

@@ -60,7 +60,9 @@ ASSUMPTIONS: Final = (
     "The bound method is sound: for every weight vector in the LID and every certified sample, "
     "the true margin is at least the computed lower bound (exact interval arithmetic for ibp "
     "and midrad, linear bounds back-substituted over the box for linear, the tighter of the two "
-    "per sample and class for best; auto_LiRPA's CROWN-IBP is trusted for crown-ibp).",
+    "per sample and class for best, and for bab the better of best and branch and bound over "
+    "ReLU splits, the minimum over a partition of the box; auto_LiRPA's CROWN-IBP is trusted "
+    "for crown-ibp).",
     "Proofs are computed in float64 and a sample counts as certified only when each margin "
     "bound exceeds its propagated float64 rounding allowance; the statement concerns the "
     "network evaluated in exact arithmetic (float32 inference rounding is not covered).",

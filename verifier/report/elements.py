@@ -13,6 +13,7 @@ METHOD_NAMES: Final = {
     "linear": "linear bounds back-substituted over the weight box (linear)",
     "crown-ibp": "CROWN-IBP linear relaxation from auto_LiRPA (crown-ibp)",
     "best": "the tighter of exact intervals and linear bounds, per sample and class (best)",
+    "bab": "best, then branch and bound on unstable ReLUs where it falls short (bab)",
 }
 
 
