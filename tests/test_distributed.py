@@ -29,7 +29,15 @@ from verifier.crosscheck import CrosscheckConfig, FalsifierConfig, crosscheck_sa
 from verifier.data import data_sha256, load_dataset
 from verifier.data.stream import open_stream, stream_sha256
 from verifier.distributed import RayCertifier, RayTaskRunner, check_address, map_tasks
-from verifier.distributed.certification import task_device
+from verifier.distributed.certification import (
+    MIN_TASK_S,
+    SampleSlice,
+    SliceResult,
+    _slices,
+    certify_slice,
+    guided_tasks,
+    task_device,
+)
 from verifier.distributed.streaming import certificate_from_counts, certify_stream
 from verifier.domains import Box, Zonotope
 from verifier.domains.io import load_lid, save_lid
@@ -91,6 +99,64 @@ def test_check_address_refuses_anything_else_in_one_line(value: str) -> None:
     with pytest.raises(BackendError, match="expected local, auto, HOST:PORT") as info:
         check_address(value)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk", "cpus", "low", "high"),
+    [
+        (10000, 256, 2, 256, 16384),
+        (100000, 256, 2, 1024, 16384),
+        (1797, 64, 8, 1, 300),
+        (7, 4, 1, 4, 4),
+    ],
+)
+def test_guided_tasks_cover_the_samples_in_whole_passes_largest_first(
+    n: int, chunk: int, cpus: int, low: int, high: int
+) -> None:
+    tasks = guided_tasks(n, chunk, cpus, low, high)
+    assert tasks[0][0] == 0 and tasks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(tasks, tasks[1:], strict=False))  # contiguous
+    sizes = [stop - start for start, stop in tasks]
+    low_passes = -(-low // chunk) * chunk
+    high_passes = max(low_passes, -(-high // chunk) * chunk)
+    assert all(size % chunk == 0 and low_passes <= size <= high_passes for size in sizes[:-1])
+    assert sizes[:-1] == sorted(sizes[:-1], reverse=True)  # largest first
+    # each takes 1/(2 x cpus) of what is left, within the bounds; a short rest joins the last
+    left = n
+    for size in sizes[:-1]:
+        wanted = -(-left // (2 * cpus))
+        assert size == min(high_passes, max(low_passes, -(-wanted // chunk) * chunk))
+        left -= size
+    assert sizes[-1] == left <= high_passes
+    assert len(sizes) == 1 or left >= low_passes or sizes[-2] + left > high_passes
+
+
+def test_plan_runs_small_calls_here_and_sizes_tasks_by_measured_cost() -> None:
+    certifier = RayCertifier()
+    key = ("graph", "Box", "ibp", 256)
+    assert certifier.plan(511, 256, 2, key) == [(0, 511)]  # not two passes: one, here
+    unknown = certifier.plan(10000, 256, 2, key)
+    assert len(unknown) > 4 and unknown[-1][1] - unknown[-1][0] < 2 * 256  # small last
+    certifier.seconds_per_sample[key] = MIN_TASK_S / 1000  # a cheap network
+    cheap = certifier.plan(10000, 256, 2, key)
+    assert all(stop - start >= 1024 for start, stop in cheap[:-1]) and len(cheap) < len(unknown)
+    certifier.seconds_per_sample[key] = MIN_TASK_S / 4000  # 4000 samples per shortest task
+    assert certifier.plan(8000, 256, 2, key) == [(0, 8000)]
+    assert RayCertifier(samples_per_task=200).plan(1000, 256, 2) == [
+        (0, 256),
+        (256, 512),
+        (512, 768),
+        (768, 1000),
+    ]
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 2049])
+def test_packed_masks_unpack_to_the_same_bits(n: int) -> None:
+    mask = np.random.default_rng(n).random(n) < 0.5
+    result = SliceResult(np.packbits(mask), n, 0, 0.0)
+    assert result.bits.nbytes == -(-n // 8)
+    unpacked = result.mask()
+    assert unpacked.dtype == np.bool_ and np.array_equal(unpacked, mask)
 
 
 def test_tasks_take_a_gpu_only_when_cuda_is_asked_for_and_there_is_one() -> None:
@@ -184,6 +250,79 @@ def test_ray_certification_is_bit_identical(
     assert torch.equal(remote, local) and remote_nonfinite == local_nonfinite
     assert certifier.stats.tasks == 8  # 1797 samples in tasks of 256 (200 rounded up)
     assert progress[-1] == (len(x), len(x)) and len(progress) == 8
+
+
+def test_default_tasks_read_slices_of_blocks_put_once_and_are_bit_identical(
+    cluster: None, digits: tuple[Graph, Box, torch.Tensor, torch.Tensor]
+) -> None:
+    graph, box, x, y = digits
+    local, local_nonfinite = certify_samples(graph, box, x, y)
+    block_bytes = 700 * x[:1].numpy().nbytes  # 700 samples a block: several blocks
+    certifier = RayCertifier(block_bytes=block_bytes)
+    remote, remote_nonfinite = certifier(graph, box, x, y)
+    assert torch.equal(remote, local) and remote_nonfinite == local_nonfinite
+    tasks = certifier.plan(len(x), 256, 2)
+    assert certifier.stats.tasks == len(tasks) > 2  # guided sizes, more tasks than blocks
+    slices = list(_slices(ray, x.numpy(), y.numpy(), tasks, block_bytes))
+    blocks = {s.block.hex() for s in slices}
+    assert 1 < len(blocks) < len(slices)  # several tasks read one block
+    for (start, stop), part in zip(tasks, slices, strict=True):
+        bx, by = ray.get(part.block)
+        assert np.array_equal(bx[part.start : part.stop], x[start:stop].numpy())
+        assert np.array_equal(by[part.start : part.stop], y[start:stop].numpy())
+    # the cost the tasks measured sizes the next call's tasks (this small network is cheap:
+    # its tasks would be too short, so the call runs here), with the same mask
+    ((key, cost),) = certifier.seconds_per_sample.items()
+    assert cost > 0
+    planned = certifier.plan(len(x), 256, 2, key)
+    before = certifier.stats.tasks
+    again, _ = certifier(graph, box, x, y)
+    assert torch.equal(again, local)
+    assert certifier.stats.tasks - before == (len(planned) if len(planned) > 1 else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_task_certifies_a_slice_of_a_shared_block(
+    cluster: None, digits: tuple[Graph, Box, torch.Tensor, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """A task given a slice of a block proves exactly those rows, as this process does, and
+    leaves the block as it was."""
+    graph, box, x, y = digits
+    x = x.to(dtype)
+    block = ray.put((x.numpy(), y.numpy()))
+    parts = [SampleSlice(block, 100, 612), SampleSlice(block, 1500, 1797)]
+    results = map_tasks(certify_slice, (graph, box, "ibp", 256, "cpu"), parts, cache_shared=True)
+    for part, result in zip(parts, results, strict=True):
+        local, nonfinite = certify_samples(
+            graph, box, x[part.start : part.stop], y[part.start : part.stop]
+        )
+        assert result.n == part.stop - part.start and result.n_nonfinite == nonfinite
+        assert np.array_equal(result.mask(), local.numpy())
+    assert np.array_equal(ray.get(block)[0], x.numpy())  # the block is unchanged
+
+
+def _tally(seen: list[int], item: int) -> tuple[int, int]:
+    seen.append(item)
+    return os.getpid(), len(seen)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_cache_shared_deserialises_shared_once_per_worker_and_call(
+    cluster: None, cached: bool
+) -> None:
+    """`_tally` appends to its shared list: cached, a process's tasks see one list (lengths
+    1, 2, 3, ...); not cached, each task a fresh copy (always 1). A new call, a new list."""
+    for _ in range(2):
+        found = map_tasks(_tally, ([],), range(12), cache_shared=cached)
+        by_process: dict[int, list[int]] = {}
+        for pid, length in found:
+            by_process.setdefault(pid, []).append(length)
+        for lengths in by_process.values():
+            assert sorted(lengths) == (
+                list(range(1, len(lengths) + 1)) if cached else [1] * len(lengths)
+            )
+        assert sum(len(v) for v in by_process.values()) == 12
+        assert max(len(v) for v in by_process.values()) > 1  # a process ran several tasks
 
 
 def test_ray_zonotope_certification_is_bit_identical(cluster: None) -> None:

@@ -3,9 +3,10 @@
 The stream (`verifier.data.stream`) is read in blocks of whole bound passes; each block is
 certified (in this process, or as a Ray task with at most a few blocks in flight) and reduced
 to its mask and per-class counts before the next is read, so memory stays flat: the samples of
-a few blocks, plus one byte per sample for the mask. Blocks are `chunk_size`-aligned, so the
-mask, k and every number of the certificate equal those of `certify_samples` and
-`certify_task` on the whole set in memory, bit for bit.
+a few blocks, plus one byte per sample for the mask. On Ray each block is put into the object
+store once, as it is read, and its task is sent only a reference to it. Blocks are
+`chunk_size`-aligned, so the mask, k and every number of the certificate equal those of
+`certify_samples` and `certify_task` on the whole set in memory, bit for bit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from verifier.certify import (
     certify_samples,
 )
 from verifier.data.stream import SampleStream, open_stream, stream_sha256
-from verifier.distributed.certification import RayCertifier, certify_chunk
+from verifier.distributed.certification import RayCertifier, SampleSlice, SliceResult, certify_slice
+from verifier.distributed.cluster import import_ray
 from verifier.distributed.tasks import map_tasks
 from verifier.domains.box import Box
 from verifier.domains.io import check_lid_matches, load_lid
@@ -126,10 +128,9 @@ def certify_stream(
             labels[index] = y
             yield x.reshape(x.shape[0], *shape), y
 
-    def count(index: int, result: tuple[Tensor | np.ndarray, int]) -> None:
+    def count(index: int, result: tuple[Tensor, int]) -> None:
         nonlocal done
-        found, y = result[0], labels.pop(index)
-        mask = found if isinstance(found, Tensor) else torch.from_numpy(np.array(found))
+        mask, y = result[0], labels.pop(index)
         for label, n_c in zip(*np.unique(y.numpy(), return_counts=True), strict=True):
             class_n[int(label)] = class_n.get(int(label), 0) + int(n_c)
         for label, k_c in zip(*np.unique(y[mask].numpy(), return_counts=True), strict=True):
@@ -145,10 +146,25 @@ def certify_stream(
             count(index, result)
             results.append(result)
     else:  # at most a few blocks in flight (`map_tasks`), so memory stays flat here too
+        ray_module = import_ray()
         shared = (graph, domain, method, chunk_size, "cpu")
-        arrays = ((x.numpy(), y.numpy()) for x, y in blocks())
-        found = map_tasks(certify_chunk, shared, arrays, on_result=count, stats=ray.stats)
-        results = [(torch.from_numpy(np.array(m)), nf) for m, nf in found]
+        parts = (
+            SampleSlice(ray_module.put((x.numpy(), y.numpy())), 0, int(x.shape[0]))
+            for x, y in blocks()
+        )
+
+        def unpacked(index: int, result: SliceResult) -> None:
+            count(index, (torch.from_numpy(result.mask()), result.n_nonfinite))
+
+        found = map_tasks(
+            certify_slice,
+            shared,
+            parts,
+            on_result=unpacked,
+            stats=ray.stats,
+            cache_shared=True,
+        )
+        results = [(torch.from_numpy(r.mask()), r.n_nonfinite) for r in found]
     masks = [m for m, _ in results]
     for c in class_n:
         class_k.setdefault(c, 0)
