@@ -23,7 +23,8 @@ from click.testing import CliRunner
 
 from tests.test_cli_pipeline import MODEL, write_spec
 from tests.tiny_nets import box_around, random_mlp
-from verifier.certify import certification_backend, certify_samples, certify_task
+from verifier.bounds.memory import bound_pass_cost, memory_budget
+from verifier.certify import certification_backend, certify_samples, certify_task, proof_plan
 from verifier.cli import cli
 from verifier.crosscheck import CrosscheckConfig, FalsifierConfig, crosscheck_samples
 from verifier.data import data_sha256, load_dataset
@@ -41,7 +42,7 @@ from verifier.distributed.certification import (
 from verifier.distributed.streaming import certificate_from_counts, certify_stream
 from verifier.domains import Box, Zonotope
 from verifier.domains.io import load_lid, save_lid
-from verifier.errors import BackendError
+from verifier.errors import BackendError, MemoryBudgetError
 from verifier.graph import Graph
 from verifier.pipeline import run_lid
 from verifier.spec import load_spec
@@ -291,7 +292,8 @@ def test_a_task_certifies_a_slice_of_a_shared_block(
     x = x.to(dtype)
     block = ray.put((x.numpy(), y.numpy()))
     parts = [SampleSlice(block, 100, 612), SampleSlice(block, 1500, 1797)]
-    results = map_tasks(certify_slice, (graph, box, "ibp", 256, "cpu"), parts, cache_shared=True)
+    shared = (graph, box, "ibp", 256, "cpu", None)
+    results = map_tasks(certify_slice, shared, parts, cache_shared=True)
     for part, result in zip(parts, results, strict=True):
         local, nonfinite = certify_samples(
             graph, box, x[part.start : part.stop], y[part.start : part.stop]
@@ -299,6 +301,38 @@ def test_a_task_certifies_a_slice_of_a_shared_block(
         assert result.n == part.stop - part.start and result.n_nonfinite == nonfinite
         assert np.array_equal(result.mask(), local.numpy())
     assert np.array_equal(ray.get(block)[0], x.numpy())  # the block is unchanged
+
+
+def _row_splitting_budget(graph: Graph) -> int:
+    """A budget under which a linear proof pass must split each sample's margin rows: one
+    sample with half its rows."""
+    cost = bound_pass_cost(graph, "linear")
+    assert cost.rows > 2
+    return cost.bytes(1, cost.rows // 2)
+
+
+def test_the_memory_budget_travels_with_the_tasks(
+    cluster: None, digits: tuple[Graph, Box, torch.Tensor, torch.Tensor]
+) -> None:
+    """Worker processes do not inherit the driver's budget: it goes with each task, so the
+    bound passes there split samples and margin rows as they would here."""
+    graph, box, x, y = digits
+    x, y = x[:60], y[:60]  # one sample per pass under this budget: keep it short
+    budget = _row_splitting_budget(graph)
+    with memory_budget(budget):
+        assert proof_plan(graph, box, "linear", 256).rows == 4  # 9 rows in groups of 4
+    with memory_budget(budget):
+        local, _ = certify_samples(graph, box, x, y, method="linear")
+        with certification_backend(RayCertifier(samples_per_task=20)):
+            remote, _ = certify_samples(graph, box, x, y, method="linear")
+    assert torch.equal(remote, local)
+    block = ray.put((x.numpy(), y.numpy()))
+    part = SampleSlice(block, 0, 20)
+    whole = certify_slice(graph, box, "linear", 256, "cpu", None, part)
+    split = certify_slice(graph, box, "linear", 256, "cpu", budget, part)
+    assert np.array_equal(whole.mask(), split.mask())
+    with pytest.raises(MemoryBudgetError):  # the task's own budget applies, whatever its caller's
+        certify_slice(graph, box, "linear", 256, "cpu", 1024, part)
 
 
 def _tally(seen: list[int], item: int) -> tuple[int, int]:

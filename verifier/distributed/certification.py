@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from verifier.bounds.memory import current_memory_budget, memory_budget
 from verifier.certify import CertMethod, certification_backend, certify_samples
 from verifier.distributed.cluster import ClusterInfo, import_ray, ray_session
 from verifier.distributed.tasks import TaskStats, default_in_flight, map_tasks
@@ -98,10 +99,13 @@ def certify_slice(
     method: CertMethod,
     chunk_size: int,
     device: str,
+    budget: int | None,
     part: SampleSlice,
 ) -> SliceResult:
     """One task: `certify_samples` on a slice of a block of samples, on `device` (a worker's
-    GPU or the CPU).
+    GPU or the CPU), under the caller's memory budget (`verifier.bounds.memory`; a worker
+    process does not inherit the driver's context, so the budget travels with the task and
+    bound passes split their samples and margin rows there as they would locally).
 
     Samples and masks travel as numpy arrays: Ray stores those without a copy, while a torch
     tensor goes through torch's own pickling, which costs about 15 ms per MB here (measured;
@@ -113,7 +117,8 @@ def certify_slice(
     # shared by every task that reads the block, and nothing here may ever write to it
     x = torch.from_numpy(np.array(x_block[part.start : part.stop])).to(device)
     y = torch.from_numpy(np.array(y_block[part.start : part.stop])).to(device)
-    mask, nonfinite = certify_samples(graph, box, x, y, method=method, chunk_size=chunk_size)
+    with memory_budget(budget):
+        mask, nonfinite = certify_samples(graph, box, x, y, method=method, chunk_size=chunk_size)
     bits = np.packbits(mask.cpu().numpy())
     return SliceResult(bits, int(x.shape[0]), nonfinite, time.perf_counter() - started)
 
@@ -227,7 +232,7 @@ class RayCertifier:
 
         results = map_tasks(
             certify_slice,
-            (graph, box, method, chunk_size, device),
+            (graph, box, method, chunk_size, device, current_memory_budget()),
             _slices(ray, _numpy(x), _numpy(y), tasks, self.block_bytes),
             on_result=done,
             max_in_flight=default_in_flight(cpus),

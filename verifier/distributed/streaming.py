@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from verifier.bounds.memory import current_memory_budget
 from verifier.certify import (
     BoundKind,
     CertMethod,
@@ -147,7 +148,7 @@ def certify_stream(
             results.append(result)
     else:  # at most a few blocks in flight (`map_tasks`), so memory stays flat here too
         ray_module = import_ray()
-        shared = (graph, domain, method, chunk_size, "cpu")
+        shared = (graph, domain, method, chunk_size, "cpu", current_memory_budget())
         parts = (
             SampleSlice(ray_module.put((x.numpy(), y.numpy())), 0, int(x.shape[0]))
             for x, y in blocks()
