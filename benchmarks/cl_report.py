@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from verifier.cl.buffers import BUFFER_SIZES
-from verifier.cl.lid_learner import LidConfig, LidRun, run_lid_sequence
+from verifier.cl.lid_learner import LidConfig, LidRun, lid_proof_method, run_lid_sequence
 from verifier.cl.metrics import average_accuracy, backward_transfer, forgetting, mean_std
 from verifier.cl.network import ContinualNetwork
 from verifier.cl.replay import ReplayConfig, ReplayRun, run_replay_sequence
 from verifier.cl.scenarios import SCENARIO_NAMES, Scenario, SplitTask
 from verifier.cl.training import FirstTask, Strategy, TrainConfig, run_sequence
+from verifier.domains.box import Box
 
 Summaries = dict[tuple[str, str], dict[str, Any]]
 """Per (scenario, method): the summary over seeds that `summarise` computes."""
@@ -54,9 +55,19 @@ SettingsT = TypeVar("SettingsT", bound=RunSettings)
 
 
 def keep_methods(settings: SettingsT, methods: Sequence[str] | None) -> SettingsT:
-    """The settings with only the named LID variants and baselines (all when none is named)."""
+    """The settings with only the named LID variants and baselines (all when none is named);
+    a name that is neither is one `error:` line and exit 2."""
     if not methods:
         return settings
+    known = [*settings.lid_variants, *settings.baselines]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        print(
+            f"error: unknown method(s) {', '.join(map(repr, unknown))}; this run knows "
+            f"{', '.join(map(repr, known))}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     return replace(
         settings,
         lid_variants={k: v for k, v in settings.lid_variants.items() if k in methods},
@@ -152,10 +163,13 @@ def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
             "feasible": s.feasible,
             "optimisation_metric": s.optimisation_metric,
             "mean_width": s.mean_width,
+            "layer_log_width": s.search_box.size("layer_log_width"),
+            "open_tensors": open_tensors(s.search_box),
             "n_frozen": s.n_frozen,
             "n_boxed": s.n_boxed,
             "search_seconds": s.seconds,
             "holds": {str(j): c.holds for j, c in s.certificates.items()},
+            "methods": {str(j): c.method for j, c in s.certificates.items()},
         }
         if counts:
             stage["certified_counts"] = {str(j): [c.k, c.n] for j, c in s.certificates.items()}
@@ -165,6 +179,43 @@ def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
         "certified": [[None if math.isnan(v) else v for v in r] for r in run.certified.tolist()],
         "stages": stages,
     }
+
+
+def open_tensors(box: Box) -> list[int]:
+    """[tensors of the box with width > 0 on some entry, tensors]."""
+    widths = box.widths()
+    return [sum(int(bool((w > 0).any())) for w in widths.values()), len(widths)]
+
+
+def lid_settings(config: LidConfig) -> dict[str, Any]:
+    """What tells LID variants apart in the raw JSON: the boxed parameters, the search's bound
+    (with its linear schedule), its size measure, and the held-out proof that matches."""
+    search = config.search
+    return {
+        "boxed": config.boxed,
+        "bound": search.bound,
+        "linear": (
+            {"every": search.linear.every, "classes": search.linear.classes}
+            if search.bound == "linear"
+            else None
+        ),
+        "size": search.size,
+        "proof": lid_proof_method(config),
+    }
+
+
+def describe_lid(settings: Mapping[str, Any] | None) -> str:
+    """`lid_settings` in a few words, e.g. "all layers, linear (every 4th step, 2 classes),
+    layer_log_width"; "–" for runs recorded before the settings were."""
+    if not settings:
+        return "–"
+    bound = settings["bound"]
+    linear = settings.get("linear")
+    if linear:
+        classes = linear["classes"]
+        bound += f" (every {linear['every']}, {'all' if classes is None else classes} classes)"
+    boxed = "head" if settings["boxed"] == "head" else "all layers"
+    return f"{boxed}, {bound}, {settings['size']}"
 
 
 def replay_record(run: ReplayRun, config: ReplayConfig) -> dict[str, Any]:
@@ -230,6 +281,8 @@ def job_record(
     elif isinstance(learner, LidConfig):
         run = run_lid_sequence(model, tasks, train, learner, generator, first=first)
         out.update(lid_record(run, counts=counts))
+    if isinstance(learner, LidConfig):
+        out["lid"] = lid_settings(learner)
     else:
         matrix = run_sequence(model, learner, tasks, train, generator, first=first)
         out["matrix"] = matrix.tolist()
@@ -303,6 +356,18 @@ def summarise(results: list[dict[str, Any]]) -> Summaries:
                 for t in range(n)
             ]
             summary["search_seconds"] = sum(s["search_seconds"] for r in runs for s in r["stages"])
+            summary["lid"] = runs[0].get("lid")
+            summary["proofs"] = sorted(
+                {m for r in runs for s in r["stages"] for m in s.get("methods", {}).values()}
+            )
+            if all("open_tensors" in s for r in runs for s in r["stages"]):
+                summary["layer_log_widths"] = [
+                    mean_std([r["stages"][t]["layer_log_width"] for r in runs]) for t in range(n)
+                ]
+                summary["open_tensors"] = (
+                    [min(r["stages"][t]["open_tensors"][0] for r in runs) for t in range(n)],
+                    runs[0]["stages"][0]["open_tensors"][1],
+                )
         out[key] = summary
     return out
 
@@ -407,6 +472,8 @@ def curve_tables(
 
 
 LidColumn = Literal[
+    "search",
+    "proof",
     "targets",
     "last_row",
     "final",
@@ -415,9 +482,13 @@ LidColumn = Literal[
     "certificates_holding",
     "widths",
     "frozen",
+    "layer_log_widths",
+    "open_tensors",
     "search_seconds",
 ]
 LID_COLUMNS: dict[LidColumn, tuple[str, Callable[[dict[str, Any]], str]]] = {
+    "search": ("box, search bound, size measure", lambda s: describe_lid(s.get("lid"))),
+    "proof": ("held-out proof", lambda s: ", ".join(s.get("proofs", [])) or "–"),
     "targets": ("τ per task", lambda s: ", ".join(f"{v.mean:.2f}" for v in s["targets"])),
     "last_row": (
         "certified, last row per task",
@@ -435,6 +506,22 @@ LID_COLUMNS: dict[LidColumn, tuple[str, Callable[[dict[str, Any]], str]]] = {
         lambda s: ", ".join(f"{v.mean:.3g}" for v in s["widths"]),
     ),
     "frozen": ("frozen fraction", lambda s: ", ".join(f"{v:.2f}" for v in s["frozen"])),
+    "layer_log_widths": (
+        "layer log-width per task",
+        lambda s: (
+            ", ".join(f"{v.mean:.2f}" for v in s["layer_log_widths"])
+            if "layer_log_widths" in s
+            else "–"
+        ),
+    ),
+    "open_tensors": (
+        "tensors open per task (of all boxed)",
+        lambda s: (
+            "{} of {}".format(", ".join(map(str, s["open_tensors"][0])), s["open_tensors"][1])
+            if "open_tensors" in s
+            else "–"
+        ),
+    ),
     "search_seconds": ("search + certify s", lambda s: f"{s['search_seconds']:.0f}"),
 }
 """The columns a LID details table may show: header and cell of a LID summary."""

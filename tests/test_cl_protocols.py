@@ -284,3 +284,17 @@ def test_spread_is_the_10th_to_90th_percentile(monkeypatch: pytest.MonkeyPatch) 
         cl_report.final_accuracy_table({("task", "m"): summary}, ["m"], ["task"], lambda *_: "–")
     )
     assert f"| m | 0.50 ± 0.32 | {spread.format()} | – |" in table
+
+
+@pytest.mark.parametrize("name", ["split_mnist", "split_cifar"])
+def test_an_unknown_method_name_is_one_error_line_and_exit_2(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _bench(name, monkeypatch)
+    raw = tmp_path / "raw.json"
+    argv = ["--tiny", "--workers", "0", "--methods", "fine-tune", "LID hed", "--raw", str(raw)]
+    with pytest.raises(SystemExit) as info:
+        bench.main([*argv, "--out", str(tmp_path / "r.md"), "--plots", str(tmp_path / "p")])
+    assert info.value.code == 2 and not raw.exists()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: unknown method(s) 'LID hed'") and "'fine-tune'" in line

@@ -11,9 +11,11 @@ The network is the Split-MNIST CNN or a `LinearHead` on frozen-encoder features
 
 Data: by default (``search_data="train"``) the search sees only the task's *training* split
 (its optimisation part); the task's *test* split is held out and certifies the LID
-(Clopper-Pearson, float64 IBP proofs). With ``search_data="test"`` the test split is divided
-(seeded) into an optimisation part for the search and τ and a certification part that
-neither training nor the search sees (`held_out_view`).
+(Clopper-Pearson, float64 proofs: intervals, or with `search.bound: linear` method "best", per
+sample and class the tighter of intervals and linear bounds, `lid_proof_method`). With
+``search_data="test"`` the test split is divided (seeded) into an optimisation part for the
+search and τ and a certification part that neither training nor the search sees
+(`held_out_view`).
 `certified[t, j]` is the held-out lower bound for task j of LID_t (j <= t); because the final
 weights lie in every LID_t, each entry of the last row bounds the final network's accuracy
 on task j, with probability >= 1 - β each.
@@ -24,7 +26,10 @@ Variants (`LidConfig`):
   convolutions are pinned (zero width) at θ_1, i.e. frozen after the first task. The search
   then runs on precomputed head features and later tasks train the head alone, which is
   exactly projected training onto a box that pins everything else. ``boxed="all"`` boxes
-  every parameter (the paper's setting; about 50x slower to search on a CPU).
+  every parameter (the paper's setting; about 50x slower to search on a CPU). With the
+  default `search.size: mean_width` such a search leaves the convolutions at zero width on the
+  Split-MNIST CNN; `layer_log_width` (every tensor counts alike) opens them, and
+  `search.bound: linear` widens the box further (README "Which bound").
 * look-ahead (``lookahead > 0``, the paper's trick): the fraction q of boxed entries least
   important for the *next* task (diagonal Fisher on its training data at θ_t) is frozen, so the
   box's width goes where the next task needs room. This peeks at the next task's training data.
@@ -43,7 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from verifier.certify import TaskCertificate, certify_samples, certify_task, required_rate
+from verifier.certify import (
+    CertMethod,
+    TaskCertificate,
+    certify_samples,
+    certify_task,
+    required_rate,
+)
 from verifier.cl.head_certify import HeadInputs, certify_head, head_inputs
 from verifier.cl.heads import (
     head_features,
@@ -77,6 +88,7 @@ from verifier.search import (
     inward_float32,
     search_lid,
 )
+from verifier.search.dual import proof_method
 from verifier.spec import SearchSection
 
 PAPER_SEARCH = SearchSection(iterations=200, batch_size=400, checkpoint_every=20, lr=0.33)
@@ -247,7 +259,7 @@ def _point_box(theta: dict[str, Tensor]) -> Box:
     return Box(point, dict(point))
 
 
-def _base_box(graph: Graph, rows: Sequence[int], outer: Box | None, free_radius: float) -> Box:
+def base_box(graph: Graph, rows: Sequence[int], outer: Box | None, free_radius: float) -> Box:
     """Every parameter pinned at the graph's values except head rows outside `rows`, which are
     copied from `outer` (or left free, ± free_radius, for the first LID)."""
     base = _point_box(dict(graph.parameters))
@@ -340,13 +352,18 @@ def certify_lid(
     beta: float,
     target: float,
     cache: dict[int, HeadInputs] | None = None,
+    method: CertMethod = "ibp",
 ) -> TaskCertificate:
-    """Held-out certificate (float64 IBP proofs, Clopper-Pearson) of a full-graph box on one
+    """Held-out certificate (float64 proofs, Clopper-Pearson) of a full-graph box on one
     task's masked prediction, on the task's test split.
 
     When the box pins every body parameter, the body features of the test split are computed
-    once (and kept in `cache`, keyed by task index) and only the head is bounded per box;
-    otherwise the whole graph is bounded with the zero-width parameters pinned.
+    once (and kept in `cache`, keyed by task index) and only the head is bounded per box, by
+    intervals: with the features fixed, the interval margin of a single Linear layer is exact,
+    so no other method can prove more (the certificate records "ibp"). Otherwise the whole
+    graph is bounded with the zero-width parameters pinned, by `method` (`lid_proof_method`:
+    "best", per sample and class the tighter of intervals and linear bounds, for a
+    linear-bound search).
     """
     sub = restrict_graph(graph, task.rows)
     sub_box = restrict_box(box, graph, task.rows)
@@ -361,8 +378,9 @@ def certify_lid(
             inputs = head_inputs(pinned, task.x_test)
             cache[task.index] = inputs
         mask, nonfinite = certify_head(pinned, rest, inputs, task.y_test)
+        method = "ibp"
     else:
-        mask, nonfinite = certify_samples(pinned, rest, task.x_test, task.y_test, method="ibp")
+        mask, nonfinite = certify_samples(pinned, rest, task.x_test, task.y_test, method=method)
     return certify_task(
         mask,
         task.y_test,
@@ -371,9 +389,15 @@ def certify_lid(
         target=target,
         beta=beta,
         bound_kind="clopper-pearson",
-        method="ibp",
+        method=method,
         n_nonfinite=nonfinite,
     )
+
+
+def lid_proof_method(config: LidConfig) -> CertMethod:
+    """The held-out proof that matches the LID search's bound: "best" (the tighter of
+    intervals and linear bounds per sample and class) for `search.bound: linear`, else "ibp"."""
+    return proof_method(config.search)
 
 
 def build_lid(
@@ -452,7 +476,7 @@ def build_lid(
         generator=generator,
     )
     box = lift_box(
-        result.box, _base_box(graph, task.rows, outer, config.free_radius), graph, task.rows
+        result.box, base_box(graph, task.rows, outer, config.free_radius), graph, task.rows
     )
     if outer is not None:
         # search_lid rounds its outer caps to float32 to the nearest, which can overshoot the
@@ -554,7 +578,13 @@ def run_lid_sequence(
         for j in todo:
             target = stages[j].target if j < t else stage.target
             cert = certify_lid(
-                graph, stage.box, views[j], beta=config.beta, target=target, cache=cache
+                graph,
+                stage.box,
+                views[j],
+                beta=config.beta,
+                target=target,
+                cache=cache,
+                method=lid_proof_method(config),
             )
             stage.certificates[j] = cert
             certified[t, j] = cert.lower_bound

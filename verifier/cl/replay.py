@@ -72,9 +72,10 @@ from verifier.cl.lid_learner import (
     LidRun,
     LidStage,
     Projection,
-    _base_box,
+    base_box,
     certify_lid,
     held_out_view,
+    lid_proof_method,
     train_projected,
 )
 from verifier.cl.network import ContinualNetwork, network_graph
@@ -260,7 +261,7 @@ def recompute_lid(
     graph = network_graph(model)
     head_only = config.boxed == "head"
     names = head_names(graph) if head_only else list(graph.parameters)
-    box = _base_box(graph, (), None, config.free_radius)  # every head row free, the rest pinned
+    box = base_box(graph, (), None, config.free_radius)  # every head row free, the rest pinned
     groups: dict[tuple[int, ...], list[int]] = {}
     for k, c in enumerate(constraints):
         groups.setdefault(tuple(c.task.rows), []).append(k)
@@ -553,7 +554,13 @@ def run_replay_sequence(
         todo = range(t + 1) if config.certify_every_row or t == n - 1 else [t]
         for j in todo:
             cert = certify_lid(
-                graph, lid.box, views[j], beta=config.beta, target=lid.targets[j], cache=cache
+                graph,
+                lid.box,
+                views[j],
+                beta=config.beta,
+                target=lid.targets[j],
+                cache=cache,
+                method=lid_proof_method(config),
             )
             stage.certificates[j] = cert
             certified[t, j] = cert.lower_bound
