@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from zonotope import finetune  # benchmarks/zonotope.py: Adam, projecting after every step
 
 from verifier.data import load_dataset
 from verifier.domains import Box
@@ -51,37 +52,6 @@ def pinned(box: Box, theta0: dict[str, Tensor]) -> Box:
     lower = {n: box.lower.get(n, t).detach().to(torch.float64) for n, t in theta0.items()}
     upper = {n: box.upper.get(n, t).detach().to(torch.float64) for n, t in theta0.items()}
     return Box(lower, upper)
-
-
-def finetune(
-    graph: Graph, box: Box | None, x: Tensor, y: Tensor, *, epochs: int, lr: float, seed: int
-) -> dict[str, Tensor]:
-    """Adam on cross-entropy over (x, y), clamping onto `box` after every step."""
-    theta = {
-        n: t.detach().clone().float().requires_grad_(True) for n, t in graph.parameters.items()
-    }
-    if box is not None:  # entries of zero width never move: leave them out of the optimiser
-        for name, t in theta.items():
-            if bool((box.upper[name] == box.lower[name]).all()):
-                t.requires_grad_(False)
-    opt = torch.optim.Adam([t for t in theta.values() if t.requires_grad], lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(0, len(y), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(graph.forward(x[idx], theta), y[idx]).backward()
-            opt.step()
-            if box is not None:
-                with torch.no_grad():
-                    safe = box.project({n: t.detach() for n, t in theta.items()})
-                    for n, t in theta.items():
-                        t.copy_(safe[n])
-    final = {n: t.detach() for n, t in theta.items()}
-    if box is not None and not box.contains(final):
-        raise AssertionError("projected fine-tuning ended outside the LID")
-    return final
 
 
 def accuracy(graph: Graph, theta: dict[str, Tensor] | None, x: Tensor, y: Tensor) -> float:
@@ -156,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     for name, box, boxed, width, cert in jobs:
         start = time.perf_counter()
-        theta = finetune(graph, box, x2, y2, epochs=args.epochs, lr=args.lr, seed=args.seed)
+        theta, _ = finetune(graph, box, x2, y2, epochs=args.epochs, lr=args.lr, seed=args.seed)
         wall = time.perf_counter() - start
         lines.append(
             f"| {name} | {boxed} | {width} | {accuracy(graph, theta, xt2, test.y):.4f} | "

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from tests.oracles import margins_of
 from tests.tiny_nets import box_around, random_cnn, random_mlp
 from verifier.bounds.ibp import margin_bounds
@@ -175,14 +174,7 @@ def test_head_certification_on_cached_features_matches_full_proofs(seed: int) ->
 
 
 def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "split_mnist_benchmark", ROOT / "benchmarks" / "split_mnist.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("split_mnist", monkeypatch)
 
 
 @pytest.mark.timeout(60)

@@ -4,14 +4,13 @@ data by the matching proof ("best"); the benchmark's variant names and its `--ti
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from verifier.certify import certify_samples
 from verifier.cl.heads import pin_zero_width, restrict_box, restrict_graph
 from verifier.cl.lid_learner import (
@@ -32,14 +31,7 @@ CONV_WEIGHTS = ("conv0.weight", "conv1.weight")
 
 
 def _bench(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "split_mnist_benchmark", ROOT / "benchmarks" / "split_mnist.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("split_mnist", monkeypatch)
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,7 @@ percentile spread the tables report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from verifier.cl.baselines import EWC, batch_fisher, empirical_fisher
 from verifier.cl.network import LinearHead
 from verifier.cl.scenarios import (
@@ -39,14 +38,7 @@ def _ten_classes(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def _bench(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name, monkeypatch)
 
 
 # ---- Split-MNIST: one even and one odd digit per task ------------------------------------

@@ -4,16 +4,15 @@ the same buffer sizes, and a tiny Split-MNIST benchmark run with buffer methods.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from verifier.certify import certify_samples
 from verifier.cl.baselines import AGEM
 from verifier.cl.buffers import BUFFER_SIZES, LARGE, MEDIUM, SMALL, BufferSize, buffer_order
@@ -329,14 +328,7 @@ def test_replay_config_of_keeps_the_lid_settings() -> None:
 
 
 def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "split_mnist_benchmark", ROOT / "benchmarks" / "split_mnist.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("split_mnist", monkeypatch)
 
 
 @pytest.mark.timeout(120)

@@ -9,9 +9,7 @@ Split-CIFAR and the heads run on synthetic features (no encoder, no feature cach
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from tests.benchmark_loader import load_benchmark
 
 ray = pytest.importorskip("ray")
 # a Ray call that never returns fails the test instead of holding CI (pytest-timeout)
@@ -38,14 +38,7 @@ def cluster() -> Iterator[None]:
 
 
 def _benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(name, monkeypatch)
 
 
 def _untimed(value: Any) -> Any:

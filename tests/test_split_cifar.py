@@ -3,10 +3,8 @@ LIDs, and a synthetic end-to-end run of benchmarks/split_cifar.py (no cache, no 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.benchmark_loader import load_benchmark
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, held_out_view, run_lid_sequence
 from verifier.cl.network import LinearHead, SplitMnistCNN, cnn_graph, network_graph
 from verifier.cl.scenarios import masked_logits, split_mnist, split_pairs
@@ -144,14 +143,7 @@ def test_nested_head_lids_on_features_certify_soundly(
 
 
 def _benchmark_module(monkeypatch: pytest.MonkeyPatch) -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "split_cifar_benchmark", ROOT / "benchmarks" / "split_cifar.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("split_cifar", monkeypatch)
 
 
 def test_balanced_subset_is_seeded_balanced_and_hashed_by_content(
