@@ -61,7 +61,7 @@ def _grid_runs(bench: Any, tmp_path: Path, argv: list[str]) -> tuple[dict, dict]
     return saved[0], saved[1]
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_split_mnist_grid_on_ray_equals_the_pool(
     cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -77,7 +77,7 @@ def test_split_mnist_grid_on_ray_equals_the_pool(
     assert on_ray["workers"] == 2  # the cluster's CPUs
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_split_cifar_grid_on_ray_equals_the_pool(
     cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -95,7 +95,7 @@ def _lid_fields(info: Any) -> tuple:
     return replace(info, box=None, seconds=0.0), tensors
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_heads_stages_on_ray_equal_the_pool(
     cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

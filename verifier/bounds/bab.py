@@ -70,10 +70,7 @@ leaf's witness is then re-evaluated by the same back-substitution in proof mode,
 derives the rounding allowance exactly as for `linear_margin_bounds` (`verifier.bounds.linear`:
 the Lagrangian terms enter as one more coefficient accumulation, the clamped enclosures as
 enclosures). Per margin the leaf with the smallest bound - allowance gives the returned bound
-and allowance; a NaN counts as -inf (fails closed).
-
-Scope: chains of Linear/Gemm, ReLU and Reshape/Flatten ops (MLPs); any other op raises a
-GraphError naming the first such node.
+and allowance; a NaN counts as -inf (fails closed). Scope: `check_bab_graph`.
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ from torch import Tensor
 
 from verifier.bounds.ibp import margin_bounds, propagate
 from verifier.bounds.margins import MarginBounds
-from verifier.cl.heads import head_graph, head_names, head_op
+from verifier.cl.heads import head_names, head_op
 from verifier.domains.box import Box
 from verifier.errors import InputError
-from verifier.graph import Graph
+from verifier.graph import Graph, apply_op
 from verifier.rounding import UNIT_ROUNDOFF_64
 
 FEATURE_TERM_INFLATION = 1.0 + 1e-6
@@ -141,3 +141,41 @@ def certify_head(graph: Graph, box: Box, inputs: HeadInputs, y: Tensor) -> tuple
         lower_b = bounds.lower
         nonfinite = int((torch.isnan(lower_b) | torch.isneginf(lower_b)).any(dim=1).sum())
     return mask, nonfinite
+
+
+def head_features(graph: Graph, x: Tensor, *, batch_size: int = 1000) -> Tensor:
+    """The inputs of the final Linear for the graph's own parameters, flattened to (n, k).
+
+    Args:
+        graph: a graph whose last op is a Linear.
+        x: inputs, shape (n, *input_shape); the computation runs in x's dtype.
+        batch_size: samples per forward pass.
+
+    Returns:
+        Features, shape (n, k).
+    """
+    head_op(graph)
+    out = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            h = x[start : start + batch_size]
+            for op in graph.ops[:-1]:
+                h = apply_op(op, h, graph.parameters)
+            out.append(h.flatten(1))
+    return torch.cat(out) if out else x.new_zeros((0, 0))
+
+
+def head_graph(graph: Graph) -> Graph:
+    """The final Linear alone, as a graph on `head_features` inputs (head parameters only)."""
+    op = head_op(graph)
+    names = head_names(graph)
+    weight = graph.parameters[op.weight]
+    n_in = weight.shape[1] if op.weight_layout == "out_in" else weight.shape[0]
+    return Graph(
+        (op,),
+        {n: graph.parameters[n] for n in names},
+        graph.input_name,
+        (n_in,),
+        graph.output_name,
+        graph.n_classes,
+    )

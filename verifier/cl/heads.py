@@ -8,8 +8,8 @@ box rows) soundly bounds the masked prediction of every network in the box. Rows
 `rows` do not enter the masked prediction at all, which is why a task's LID may leave them free.
 
 `pin_zero_width` moves parameters that a box fixes to one value into the graph (a point, cheap
-to propagate); the set of networks is unchanged. `head_graph` / `head_features` split off the
-final Linear so that a search over the head alone runs on precomputed features.
+to propagate); the set of networks is unchanged. (`verifier.cl.head_certify` splits off the
+final Linear, so that a search over the head alone runs on precomputed features.)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from verifier.domains.box import Box
 from verifier.errors import GraphError, InputError
-from verifier.graph import AffineScale, Graph, Linear, apply_op
+from verifier.graph import AffineScale, Graph, Linear
 
 
 def head_op(graph: Graph) -> Linear:
@@ -174,41 +174,3 @@ def pin_zero_width(graph: Graph, box: Box) -> tuple[Graph, Box]:
         graph.ops, params, graph.input_name, graph.input_shape, graph.output_name, graph.n_classes
     )
     return pinned, Box(lower, upper)
-
-
-def head_features(graph: Graph, x: Tensor, *, batch_size: int = 1000) -> Tensor:
-    """The inputs of the final Linear for the graph's own parameters, flattened to (n, k).
-
-    Args:
-        graph: a graph whose last op is a Linear.
-        x: inputs, shape (n, *input_shape); the computation runs in x's dtype.
-        batch_size: samples per forward pass.
-
-    Returns:
-        Features, shape (n, k).
-    """
-    head_op(graph)
-    out = []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            h = x[start : start + batch_size]
-            for op in graph.ops[:-1]:
-                h = apply_op(op, h, graph.parameters)
-            out.append(h.flatten(1))
-    return torch.cat(out) if out else x.new_zeros((0, 0))
-
-
-def head_graph(graph: Graph) -> Graph:
-    """The final Linear alone, as a graph on `head_features` inputs (head parameters only)."""
-    op = head_op(graph)
-    names = head_names(graph)
-    weight = graph.parameters[op.weight]
-    n_in = weight.shape[1] if op.weight_layout == "out_in" else weight.shape[0]
-    return Graph(
-        (op,),
-        {n: graph.parameters[n] for n in names},
-        graph.input_name,
-        (n_in,),
-        graph.output_name,
-        graph.n_classes,
-    )

@@ -55,10 +55,14 @@ from verifier.certify import (
     certify_task,
     required_rate,
 )
-from verifier.cl.head_certify import HeadInputs, certify_head, head_inputs
-from verifier.cl.heads import (
+from verifier.cl.head_certify import (
+    HeadInputs,
+    certify_head,
     head_features,
     head_graph,
+    head_inputs,
+)
+from verifier.cl.heads import (
     head_names,
     lift_box,
     pin_zero_width,

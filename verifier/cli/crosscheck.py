@@ -127,7 +127,8 @@ def crosscheck(
     from verifier.bounds.bab import BabOptions
     from verifier.crosscheck.document import run_crosscheck, write_crosscheck
     from verifier.crosscheck.falsify import FalsifierConfig
-    from verifier.crosscheck.run import CrosscheckConfig, describe_violation
+    from verifier.crosscheck.results import describe_violation
+    from verifier.crosscheck.run import CrosscheckConfig
 
     bab = None if bab_domains is None else BabOptions(max_domains=bab_domains, stop_at=None)
     config = CrosscheckConfig(

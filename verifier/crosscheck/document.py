@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from verifier.crosscheck.results import MarginCheck, describe_violation
 from verifier.crosscheck.run import (
     CrosscheckConfig,
     CrosscheckResult,
-    MarginCheck,
     ProgressCallback,
     SampleRunner,
     crosscheck_samples,
-    describe_violation,
 )
 from verifier.data import load_dataset, validate_for_model
 from verifier.domains.io import check_lid_matches, load_lid, tensors_sha256

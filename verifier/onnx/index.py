@@ -53,11 +53,8 @@ class NodeIndex:
                 a node has a non-default domain or an unsupported op type, or a computed tensor
                 where a constant is needed.
         """
-        self.path = path
-        self.folder = folder
-        self.constants = folder.values
-        self.input_name = input_name
-        self.output_name = output_name
+        self.path, self.folder, self.constants = path, folder, folder.values
+        self.input_name, self.output_name = input_name, output_name
         self.producer: dict[str, NodeProto] = {}
         self.consumers: dict[str, list[tuple[NodeProto, int]]] = {}
         self.shape_tensors: set[str] = set()
