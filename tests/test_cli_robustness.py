@@ -28,15 +28,23 @@ def test_ctrl_c_during_a_search_exits_130(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a test run started in the background by a non-interactive shell
+        # inherits SIGINT ignored, and would pass that on
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.monotonic() + 120
-    seen = ""
-    assert process.stderr is not None
-    while "searching" not in seen and time.monotonic() < deadline:
-        seen += process.stderr.read(1)
-    time.sleep(1.0)  # well inside the 100,000-iteration search
-    process.send_signal(signal.SIGINT)
-    _, rest = process.communicate(timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        seen = ""
+        assert process.stderr is not None
+        while "searching" not in seen and time.monotonic() < deadline:
+            seen += process.stderr.read(1)
+        time.sleep(1.0)  # well inside the 100,000-iteration search
+        process.send_signal(signal.SIGINT)
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # never leave the search running
+            process.kill()
+            process.communicate()
     assert process.returncode == 130, seen + rest
     last = [line for line in rest.splitlines() if line.strip()][-1]
     assert last.startswith("interrupted:"), rest
