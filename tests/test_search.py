@@ -144,3 +144,35 @@ def test_linear_schedule_warm_start_and_every() -> None:
         True,
     ]
     assert not any(uses_linear(SearchSection(), i) for i in range(1, 5))
+
+
+def test_linear_bounds_on_a_fraction_of_the_batch() -> None:
+    """`linear.samples`: the chosen samples (correct at the centre, lowest interval margins)
+    get the full guide's linear bounds, the rest keep their interval bounds; never looser."""
+    from verifier.bounds.ibp import margin_bounds
+    from verifier.search.surrogate import guide_bounds, linear_samples
+    from verifier.spec import LinearBoundSection
+
+    graph = load_model(ROOT / "onnx_models" / "digits_mlp.onnx")
+    data = load_dataset("digits", split="test")
+    x, y = data.x[:200], data.y[:200]
+    lower = {n: t - 0.02 * t.abs() for n, t in graph.parameters.items()}
+    upper = {n: t + 0.02 * t.abs() for n, t in graph.parameters.items()}
+    ibp = margin_bounds(graph, lower, upper, x, y)
+    full = guide_bounds(graph, lower, upper, x, y, linear=True)
+    part = guide_bounds(
+        graph, lower, upper, x, y, linear=True, options=LinearBoundSection(samples=0.25)
+    )
+    chosen = linear_samples(graph, lower, upper, x, y, ibp, 0.25)
+    assert chosen.numel() == 50
+    centre = graph.forward(x, {n: (lower[n] + upper[n]) / 2 for n in lower})
+    assert bool((centre.argmax(1)[chosen] == y[chosen]).all())
+    others = torch.ones(200, dtype=torch.bool)
+    others[chosen] = False
+    correct_others = others & (centre.argmax(1) == y)
+    # every correct sample left out has a smallest interval margin at least the chosen ones'
+    assert float(ibp.worst()[correct_others].min()) >= float(ibp.worst()[chosen].max())
+    torch.testing.assert_close(part.lower[chosen], full.lower[chosen])
+    torch.testing.assert_close(part.lower[others], ibp.lower[others])
+    assert bool((part.lower >= ibp.lower).all())
+    assert int(part.certified().sum()) > int(ibp.certified().sum())

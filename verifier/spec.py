@@ -108,6 +108,14 @@ class LinearBoundSection(_Section):
         "interval margin bounds are lowest (intervals for the rest); null: every class. "
         "Proofs always bound every class.",
     )
+    samples: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="In search steps, bound linearly only this fraction of the batch: the "
+        "samples the box centre classifies correctly whose interval margin bounds are lowest "
+        "(intervals for the rest); null: every sample. Proofs always bound every sample.",
+    )
 
 
 class SearchSection(_Section):

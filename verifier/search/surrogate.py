@@ -5,6 +5,7 @@ the certified metric (`soft_metric`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -37,22 +38,54 @@ def guide_bounds(
     if not linear:
         return ibp
     options = options or LinearBoundSection()
+    chosen = None
+    xs, ys, ibp_lower = x, y, ibp.lower
+    if options.samples is not None:
+        chosen = linear_samples(graph, lower, upper, x, y, ibp, options.samples)
+        if chosen.numel() == 0:
+            return ibp
+        xs, ys, ibp_lower = x[chosen], y[chosen], ibp.lower[chosen]
     classes = None
     if options.classes is not None and options.classes < graph.n_classes - 1:
         # the k most threatening classes by their interval bound (+inf at y sorts last)
-        classes = ibp.lower.detach().topk(options.classes, dim=1, largest=False).indices
+        classes = ibp_lower.detach().topk(options.classes, dim=1, largest=False).indices
     lin = linear_margin_bounds(
         graph,
         lower,
         upper,
-        x,
-        y,
+        xs,
+        ys,
         intermediate=options.intermediate,
         slopes=options.slopes,
         classes=classes,
         max_rows=max_rows,
     )
-    return combine_margin_bounds(ibp, lin)
+    if chosen is None:
+        return combine_margin_bounds(ibp, lin)
+    # the other samples keep their interval bounds (-inf: no linear bound there)
+    full = torch.full_like(ibp.lower, float("-inf")).index_copy(0, chosen, lin.lower)
+    return combine_margin_bounds(ibp, MarginBounds(full))
+
+
+def linear_samples(
+    graph: Graph,
+    lower: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    ibp: MarginBounds,
+    fraction: float,
+) -> Tensor:
+    """The indices of the batch's samples worth a linear bound: among those the box centre
+    classifies correctly (no bound certifies the others), the ceil(fraction · batch) whose
+    smallest interval margin bound is lowest."""
+    with torch.no_grad():
+        centre = {n: (lower[n] + upper[n]) / 2 for n in lower}
+        logits = graph.forward(x, centre)
+        correct = torch.nonzero(logits.argmax(1) == y.to(logits.device)).flatten()
+        k = min(math.ceil(fraction * x.shape[0]), correct.numel())
+        worst = ibp.lower.detach()[correct].min(dim=1).values
+        return correct[worst.topk(k, largest=False).indices].sort().values
 
 
 def soft_metric(margin_lower: Tensor, y: Tensor, metric: Metric, temperature: float) -> Tensor:
