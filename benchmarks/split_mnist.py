@@ -12,10 +12,16 @@ lr 1e-3, 5 epochs, batch 64. The tables give mean ± std and the 10th-90th perce
 seeds; the raw results record each run's pairs. Methods, all on the same splits and the same
 first-task training:
 
-* LID variants (verifier.cl.lid_learner): τ = task accuracy - 0.12, 200 search iterations,
-  batch 400, checkpoints every 20; projected training onto the previous LID. The search uses
-  the task's MNIST train split; the certificate (float64 IBP, Clopper-Pearson, β = 1e-3) uses
-  the task's MNIST test split, which no search sees.
+* Data (`--protocol paper`, the default: DESIGN.md section 5): each task's MNIST train split
+  is split 80/20 (seeded per run) into a training part, on which every method trains, and a
+  validation part no method trains on. The LID search and τ = validation accuracy - 0.12 use
+  the validation part; each LID is certified (float64 IBP, Clopper-Pearson, β = 1e-3) on 400
+  samples drawn (seeded) from the task's MNIST test split; accuracies are on the whole test
+  split. `--protocol issue7` (the earlier runs): every method trains on the whole train split,
+  the search and τ use it too, and the certificate uses the whole test split.
+* LID variants (verifier.cl.lid_learner): τ = clean accuracy on the search data - 0.12, 200
+  search iterations, batch 400, checkpoints every 20; projected training onto the previous
+  LID.
 * Not run by default (`--all-layer`, or named in `--methods`): "LID all-layer IBP" and "LID
   all-layer linear", the "LID" variant with every parameter boxed and the per-layer size
   measure (`search.size: layer_log_width`, which opens the convolutions), searched by interval
@@ -32,6 +38,7 @@ Run:  .venv/bin/python benchmarks/split_mnist.py [--quick] [--workers 2] [--seed
       .venv/bin/python benchmarks/split_mnist.py --methods LID "LID all-layer IBP" \
           "LID all-layer linear" --seeds 0 1 2          # head-only beside all-layer LIDs
       .venv/bin/python benchmarks/split_mnist.py --pairs drawn|paper   # the earlier variants
+      .venv/bin/python benchmarks/split_mnist.py --protocol issue7     # issue 7's data use
       .venv/bin/python benchmarks/split_mnist.py --quick --ray local|auto|HOST:PORT
 With --ray the jobs run as Ray tasks (`ray_grid`: two stages, the shared first tasks with the
 methods that train their own, then the other methods), the results identical to the pool's.
@@ -58,13 +65,16 @@ import torch
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
 from verifier.cl.buffers import BUFFER_SIZES
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
+from verifier.cl.lid_views import SearchData
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
 from verifier.cl.scenarios import (
     SCENARIOS,
     Scenario,
+    SplitTask,
     draw_even_odd_pairs,
     draw_pairs,
+    hold_out_validation,
     split_mnist,
 )
 from verifier.cl.training import (
@@ -109,6 +119,16 @@ PAIRS: tuple[Pairs, ...] = ("even-odd", "drawn", "paper")
 default); a free draw per seed (issue 7's runs); the fixed (0,1), (2,3), ... order."""
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 """The default seeds (the protocol asks for at least 5)."""
+Protocol = Literal["paper", "issue7"]
+PROTOCOLS: tuple[Protocol, ...] = ("paper", "issue7")
+"""`--protocol`, the data each part sees: "paper" (DESIGN.md section 5, the default): an
+80/20 train/validation split of each task's train split, every method training on the 80%,
+the LID search and τ on the 20%, each LID certified on `N_CERTIFY` test samples; "issue7":
+training, search and τ on the whole train split, the certificate on the whole test split."""
+VALIDATION_FRACTION = 0.2
+"""The part of each task's train split held out for validation (protocol "paper")."""
+N_CERTIFY = 400
+"""Certification samples per LID and task (protocol "paper"; fewer in --tiny)."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +145,15 @@ class Settings:
     n_tasks: int = 5
     label: str = "full protocol"
     pairs: Pairs = "even-odd"
+    protocol: Protocol = "paper"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 TARGET_SLACK = 0.08
-"""The searches aim at τ + 0.08 on the training split: with "auto" (the rate whose held-out
-Clopper-Pearson bound would just meet τ) the boxes fit the training data, on which the network
-is more accurate than on the test split, and some held-out certificates fell below τ."""
+"""The searches aim at τ + 0.08 on their data: with "auto" (the rate whose held-out
+Clopper-Pearson bound would just meet τ) the boxes of issue 7's runs fit the training data, on
+which the network is more accurate than on the test split, and some held-out certificates fell
+below τ."""
 
 
 def slack_value(text: str) -> float | str:
@@ -157,11 +179,14 @@ def lid_variants(
     lr: float = PAPER_SEARCH.lr,
     target_slack: float | str = TARGET_SLACK,
     boxed: Literal["head", "all"] = "head",
+    *,
+    search_data: SearchData = "train",
+    n_certify: int | None = None,
 ) -> dict[str, LidConfig]:
     """The LID variants reported, head-only boxes unless `boxed="all"`: plain and look-ahead
-    (q = 0.5), with the
-    Class-IL training loss over the classes seen so far; and, for Class-IL, plain with the
-    10-way training loss of the baselines."""
+    (q = 0.5), with the Class-IL training loss over the classes seen so far; and, for
+    Class-IL, plain with the 10-way training loss of the baselines. `search_data` and
+    `n_certify`: the protocol's (`protocol_data`)."""
     search = PAPER_SEARCH.model_copy(
         update={
             "iterations": search_iterations,
@@ -171,10 +196,11 @@ def lid_variants(
             "target_slack": target_slack,
         }
     )
+    plain = LidConfig(search=search, boxed=boxed, search_data=search_data, n_certify=n_certify)
     return {
-        "LID": LidConfig(search=search, boxed=boxed, active_classes=True),
-        "LID+look-ahead": LidConfig(search=search, boxed=boxed, lookahead=0.5, active_classes=True),
-        "LID 10-way loss": LidConfig(search=search, boxed=boxed),
+        "LID": replace(plain, active_classes=True),
+        "LID+look-ahead": replace(plain, lookahead=0.5, active_classes=True),
+        "LID 10-way loss": plain,
     }
 
 
@@ -222,38 +248,69 @@ def shares_first_task(settings: Settings, method: str, scenario: str) -> bool:
     return not (config is not None and config.active_classes and scenario == "class")
 
 
+def n_certify_of(test_limit: int | None) -> int:
+    """Protocol "paper": `N_CERTIFY` certification samples per LID and task (--quick: 400 of
+    its 500 test samples), or half the test samples when a reduced mode keeps fewer (--tiny:
+    32 of 64)."""
+    return N_CERTIFY if test_limit is None or test_limit >= N_CERTIFY else test_limit // 2
+
+
+def protocol_data(protocol: Protocol, test_limit: int | None) -> dict[str, Any]:
+    """The LID settings a protocol fixes: `search_data` and `n_certify`."""
+    if protocol == "paper":
+        return {"search_data": "validation", "n_certify": n_certify_of(test_limit)}
+    return {"search_data": "train", "n_certify": None}
+
+
 def settings_for(args: argparse.Namespace) -> Settings:
-    """The settings of the chosen mode."""
+    """The settings of the chosen mode and `--protocol`."""
     scenarios = tuple(args.scenarios)
+    protocol: Protocol = args.protocol
     if args.tiny:
         return Settings(
             seeds=(0,),
             scenarios=scenarios,
             train=TrainConfig(epochs=1),
-            lid_variants=lid_variants(10, 5, 100, boxed=args.boxed),
+            lid_variants=lid_variants(10, 5, 100, boxed=args.boxed, **protocol_data(protocol, 64)),
             baselines=BASELINES,
-            train_limit=128,
+            # protocol "paper": 512 training / 128 validation samples (the search sees as
+            # many as issue7's 128 training samples)
+            train_limit=640 if protocol == "paper" else 128,
             test_limit=64,
             n_tasks=2,
-            label="tiny (tests only): 2 tasks, 128 train / 64 test samples, 1 epoch",
+            label=f"tiny (tests only): 2 tasks, {640 if protocol == 'paper' else 128} train / "
+            "64 test samples, 1 epoch",
+            protocol=protocol,
         )
     if args.quick:
         return Settings(
             seeds=(args.seeds[0],),
             scenarios=scenarios,
             train=TrainConfig(epochs=1),
-            lid_variants=lid_variants(50, 10, 400, boxed=args.boxed),
+            lid_variants=lid_variants(
+                50, 10, 400, boxed=args.boxed, **protocol_data(protocol, 500)
+            ),
             baselines=BASELINES,
             train_limit=2000,
             test_limit=500,
             label="quick: 1 seed, 2,000 train / 500 test samples per task, 1 epoch, 50 iterations",
+            protocol=protocol,
         )
     return Settings(
         seeds=tuple(args.seeds),
         scenarios=scenarios,
         train=TrainConfig(),
-        lid_variants=lid_variants(200, 20, 400, args.search_lr, args.target_slack, args.boxed),
+        lid_variants=lid_variants(
+            200,
+            20,
+            400,
+            args.search_lr,
+            args.target_slack,
+            args.boxed,
+            **protocol_data(protocol, None),
+        ),
         baselines=BASELINES,
+        protocol=protocol,
     )
 
 
@@ -308,14 +365,17 @@ PAPER_PAIRS = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
 """`--pairs paper`: the usual fixed Split-MNIST order, the same for every seed."""
 
 
-def _tasks(settings: Settings, scenario: Scenario, seed: int, mnist: Mnist) -> list:
+def _tasks(settings: Settings, scenario: Scenario, seed: int, mnist: Mnist) -> list[SplitTask]:
+    """The run's task sequence; under protocol "paper" each task's train split is split 80/20
+    (`hold_out_validation`, seeded by the run's seed: every method and scenario of a seed
+    trains on the same 80%)."""
     if settings.pairs == "paper":
         pairs = list(PAPER_PAIRS[: settings.n_tasks])
     elif settings.pairs == "drawn":
         pairs = draw_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
     else:
         pairs = draw_even_odd_pairs(torch.Generator().manual_seed(seed), settings.n_tasks)
-    return split_mnist(
+    tasks = split_mnist(
         scenario,
         pairs,
         mnist["train"],
@@ -323,6 +383,10 @@ def _tasks(settings: Settings, scenario: Scenario, seed: int, mnist: Mnist) -> l
         train_limit=settings.train_limit,
         test_limit=settings.test_limit,
     )
+    if settings.protocol == "paper":
+        split = torch.Generator().manual_seed(3000 + seed)
+        tasks = hold_out_validation(tasks, VALIDATION_FRACTION, split)
+    return tasks
 
 
 def _model(seed: int) -> SplitMnistCNN:
@@ -351,12 +415,24 @@ def method_job(
     first: FirstTask | None,
     mnist: Mnist,
 ) -> dict[str, Any]:
-    """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs)."""
+    """One method on one (scenario, seed): accuracy matrix (and certificates for LIDs, each
+    with its certified count and sample count), each task's train and test sizes."""
     learner = settings.lid_variants.get(method) or make_strategy(method, scenario)
+    if isinstance(learner, LidConfig):  # each run draws its own certification samples
+        learner = replace(learner, split_seed=seed)
     shared = None if isinstance(learner, SI) else first
     tasks = _tasks(settings, scenario, seed, mnist)
     return cl_report.job_record(
-        scenario, seed, method, tasks, _model(seed), _batches(seed), settings.train, learner, shared
+        scenario,
+        seed,
+        method,
+        tasks,
+        _model(seed),
+        _batches(seed),
+        settings.train,
+        learner,
+        shared,
+        counts=True,
     )
 
 
@@ -529,6 +605,36 @@ def _paper(method: str, scenario: str) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
+def protocol_text(settings: Settings) -> str:
+    """What data training, the LID searches, τ and the certificates use, in words."""
+    if settings.protocol == "paper":
+        return (
+            "Protocol `paper` (DESIGN.md §5): each task's MNIST train split is split 80/20 "
+            "(seeded per run) into a training part, on which every method trains, and a "
+            "validation part that no method trains on; the LID searches and τ use the "
+            f"validation part, and each LID is certified on {n_certify_of(settings.test_limit)} "
+            "samples drawn (seeded per run) from the task's MNIST test split; accuracies are on "
+            "the whole test split."
+        )
+    return (
+        "Protocol `issue7`: every method trains on the task's whole MNIST train split; the LID "
+        "searches and τ use that split too, and each LID is certified on the whole test split."
+    )
+
+
+def _data_notes(settings: Settings) -> tuple[str, str]:
+    """(τ's data, the certificate's samples) in words, for the notes under the tables."""
+    if settings.protocol == "issue7":
+        return "the task's train split", "the task's MNIST test split (never seen by any search)"
+    n = n_certify_of(settings.test_limit)
+    return (
+        "the task's validation part (20% of its train split, never trained on)",
+        f"{n} samples drawn (seeded per run) from the task's MNIST test split, the same for "
+        "every LID of a run (never seen by training or any search); the `LID buffer` rows' "
+        "buffers hold samples of the training part only",
+    )
+
+
 def markdown(
     results: list[dict[str, Any]], settings: Settings, wall_s: float, workers: int, cpu_s: float
 ) -> str:
@@ -543,6 +649,7 @@ def markdown(
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
     seeds = sorted({r["seed"] for r in results})
+    tau_data, certificate_data = _data_notes(settings)
     lines = [
         "## Split-MNIST continual learning (issues 7, 20)",
         "",
@@ -552,9 +659,10 @@ def markdown(
         f"({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}); the cores "
         "were shared with other jobs, so the wall time is pessimistic. CPU time of all jobs "
         f"{cpu_s / 60:.1f} core-min, i.e. {cpu_s / 60 / max(workers, 1):.1f} min on "
-        f"{max(workers, 1)} otherwise idle cores. "
+        f"{max(workers, 1)} otherwise idle cores. {protocol_text(settings)} "
         "Command: `.venv/bin/python benchmarks/split_mnist.py"
         + (" --quick" if "quick" in settings.label else "")
+        + ("" if settings.protocol == "paper" else f" --protocol {settings.protocol}")
         + (" --all-layer" if any(m in settings.lid_variants for m in ALL_LAYER) else "")
         + ("" if settings.pairs == "even-odd" else f" --pairs {settings.pairs}")
         + "`.",
@@ -577,7 +685,7 @@ def markdown(
             if any(m in settings.lid_variants for m in ALL_LAYER)
             else ""
         )
-        + "; τ = accuracy on the task's train split - 0.12; search η_p = "
+        + f"; τ = accuracy on {tau_data} - 0.12; search η_p = "
         f"{_lid_of(settings).search.lr:g}, target τ + {_lid_of(settings).search.target_slack}. "
         "`LID` / `LID+look-ahead` train Class-IL tasks with the loss over the classes seen so "
         "far (prediction and certificates stay 10-way); `LID 10-way loss` uses the baselines' "
@@ -594,10 +702,10 @@ def markdown(
         "",
         "Certified = one-sided Clopper-Pearson lower bound (β = 1e-3 per entry) of the "
         "float64-certified accuracy (`held-out proof`: ibp, or best = per sample and class the "
-        "tighter of intervals and linear bounds) of the LID on the task's MNIST test split "
-        "(never seen by any search). `tensors open` counts the searched tensors with width > 0 "
-        "on some entry. `last row` = LID_5 on every task: the final network lies in it, so "
-        "these bound the final network's accuracy; `diagonal` = LID_t on task t, at creation.",
+        f"tighter of intervals and linear bounds) of the LID on {certificate_data}. "
+        "`tensors open` counts the searched tensors with width > 0 on some entry. `last row` = "
+        "LID_5 on every task: the final network lies in it, so these bound the final "
+        "network's accuracy; `diagonal` = LID_t on task t, at creation.",
         "",
         *cl_report.lid_details_table(
             summaries,
@@ -649,6 +757,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="task pairs: one even and one odd digit, drawn per seed (the paper's protocol), "
         "drawn freely per seed (issue 7), or the fixed (0,1), (2,3), ... order",
     )
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="paper",
+        help="data use: 'paper' (80/20 train/validation split of each task, every method "
+        "training on the 80%%, LID search and τ on the 20%%, each LID certified on 400 test "
+        "samples) or 'issue7' (search and τ on the whole train split, certificate on the whole "
+        "test split)",
+    )
     parser.add_argument("--methods", nargs="+", help="run only these methods (default: all)")
     cl_report.add_buffers_argument(parser)
     parser.add_argument(
@@ -694,12 +811,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot read the raw results {args.raw}: {err}", file=sys.stderr)
             return 2
         rule = old.get("pairs_rule", "drawn")  # raw files before issue 20 drew pairs freely
+        protocol = old.get("protocol", "issue7")  # raw files before the paper's data protocol
         if args.from_raw:
-            args.pairs = rule
-        elif rule != args.pairs:
+            args.pairs, args.protocol = rule, protocol
+        elif (rule, protocol) != (args.pairs, args.protocol):
             print(
-                f"error: {args.raw} holds runs with --pairs {rule}; --merge needs the same "
-                f"(got --pairs {args.pairs})",
+                f"error: {args.raw} holds runs with --pairs {rule} --protocol {protocol}; "
+                f"--merge needs the same (got --pairs {args.pairs} --protocol {args.protocol})",
                 file=sys.stderr,
             )
             return 2
@@ -734,6 +852,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "first_cpu_s": first_cpu,
             "parts": [" ".join(sys.argv[1:] if argv is None else argv)],
             "pairs_rule": args.pairs,
+            "protocol": args.protocol,
+            "protocol_data": {
+                "validation_fraction": VALIDATION_FRACTION if args.protocol == "paper" else None,
+                **protocol_data(args.protocol, settings.test_limit),
+            },
         }
         if args.merge:
             done = {(r["scenario"], r["seed"], r["method"]) for r in results}

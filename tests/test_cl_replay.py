@@ -349,3 +349,33 @@ def test_tiny_benchmark_run_with_buffer_methods(
     assert not math.isnan(lid["matrix"][-1][0])
     text = out.read_text(encoding="utf-8")
     assert "| LID buffer SMALL |" in text and "| A-GEM buffer SMALL |" in text
+
+
+def test_the_paper_data_protocol_reaches_the_replay_learner() -> None:
+    """search_data="validation": τ_j from each task's validation part, certificates on
+    n_certify test samples, buffers only from the training part (never validation)."""
+    from verifier.cl.lid_views import validation_view
+    from verifier.cl.scenarios import hold_out_validation
+
+    tasks = hold_out_validation(
+        _feature_tasks("domain", n_train=40), 0.25, torch.Generator().manual_seed(3)
+    )
+    config = _config(search_data="validation", n_certify=50, split_seed=5)
+    run = run_replay_sequence(
+        LinearHead(8, torch.Generator().manual_seed(0)),
+        tasks,
+        TrainConfig(epochs=2),
+        config,
+        torch.Generator().manual_seed(1),
+        scenario="domain",
+    )
+    for j, task in enumerate(tasks):
+        x_cert, _ = run.held_out[j]
+        assert torch.equal(x_cert, validation_view(task, 50, 5).x_test)
+        assert x_cert.shape[0] == 50
+        assert _rows_of(x_cert) <= _rows_of(task.x_test)
+        assert task.x_val is not None
+        buffered = _rows_of(task.x_train[run.buffer_indices[j]])
+        assert buffered.isdisjoint(_rows_of(task.x_val))
+        for stage in run.stages[j:]:
+            assert stage.certificates[j].n == 50

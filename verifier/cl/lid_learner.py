@@ -15,7 +15,9 @@ Data: by default (``search_data="train"``) the search sees only the task's *trai
 sample and class the tighter of intervals and linear bounds, `lid_proof_method`). With
 ``search_data="test"`` the test split is divided (seeded) into an optimisation part for the
 search and τ and a certification part that neither training nor the search sees
-(`held_out_view`).
+(`held_out_view`). With ``search_data="validation"`` the search and τ use the task's
+validation part (taken out of its training split, so never trained on) and the test split
+certifies; `n_certify` draws that many certification samples (`verifier.cl.lid_views`).
 `certified[t, j]` is the held-out lower bound for task j of LID_t (j <= t); because the final
 weights lie in every LID_t, each entry of the last row bounds the final network's accuracy
 on task j, with probability >= 1 - β each.
@@ -41,7 +43,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -69,6 +71,8 @@ from verifier.cl.heads import (
     restrict_box,
     restrict_graph,
 )
+from verifier.cl.lid_views import SearchData, lid_views
+from verifier.cl.lid_views import held_out_view as held_out_view  # re-exported
 from verifier.cl.network import ContinualNetwork, network_graph
 from verifier.cl.scenarios import SplitTask, masked_logits
 from verifier.cl.training import (
@@ -83,7 +87,7 @@ from verifier.cl.training import (
     train_task,
 )
 from verifier.domains.box import Box
-from verifier.errors import InputError, SoundnessError
+from verifier.errors import SoundnessError
 from verifier.graph import Graph
 from verifier.search import (
     SearchResult,
@@ -128,10 +132,15 @@ class LidConfig:
             it; the certificate uses the rest, which neither training nor the search sees).
             "test" sets τ from held-out accuracy, as the paper does, so a head that fits its
             training data better than it generalises does not get a τ its test data cannot meet.
+            "validation": the task's validation part (`x_val`, never trained on; the paper's
+            Split-MNIST protocol); the certificate uses the test split.
+        n_certify: certification samples per task, drawn seeded from what the mode holds out
+            (None: all of it; the paper's Split-MNIST protocol: 400).
         certification_fraction: with search_data="test", the part of each task's test split
             kept for the certificate.
-        split_seed: with search_data="test", the seed of the split (task index added); the
-            split is drawn from its own generator, so the training batches do not change.
+        split_seed: the seed (task index added) of the search_data="test" split and of the
+            `n_certify` draw; both use their own generators, so the training batches do not
+            change.
     """
 
     tolerance: float = 0.12
@@ -144,7 +153,8 @@ class LidConfig:
     free_radius: float = 1e3
     certify_every_row: bool = True
     active_classes: bool = False
-    search_data: Literal["train", "test"] = "train"
+    search_data: SearchData = "train"
+    n_certify: int | None = None
     certification_fraction: float = 0.5
     split_seed: int = 0
 
@@ -504,32 +514,6 @@ def build_lid(
     )
 
 
-def held_out_view(task: SplitTask, certification_fraction: float, seed: int) -> SplitTask:
-    """The task as the LID search and certificate see it with `search_data="test"`: a seeded
-    split of its test split into an optimisation part (as `x_train`) and a certification
-    part (as `x_test`), disjoint.
-
-    Raises:
-        InputError: the fraction leaves either part empty.
-    """
-    n = task.x_test.shape[0]
-    n_cert = int(round(certification_fraction * n))
-    if not 0 < n_cert < n:
-        raise InputError(
-            f"task {task.name}: certification_fraction {certification_fraction} of {n} test "
-            "samples leaves the optimisation or the certification part empty"
-        )
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + task.index))
-    cert, opt = perm[:n_cert], perm[n_cert:]
-    return replace(
-        task,
-        x_train=task.x_test[opt],
-        y_train=task.y_test[opt],
-        x_test=task.x_test[cert],
-        y_test=task.y_test[cert],
-    )
-
-
 def run_lid_sequence(
     model: ContinualNetwork,
     tasks: Sequence[SplitTask],
@@ -561,11 +545,7 @@ def run_lid_sequence(
     certified = torch.full((n, n), float("nan"), dtype=torch.float64)
     outer: Box | None = None
     cache: dict[int, HeadInputs] = {}
-    views = (
-        list(tasks)
-        if config.search_data == "train"
-        else [held_out_view(t, config.certification_fraction, config.split_seed) for t in tasks]
-    )
+    views = lid_views(tasks, config)
     for t, task in enumerate(tasks):
         if t == 0 and first is not None:
             resume_first_task(model, first, generator)

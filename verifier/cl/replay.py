@@ -5,8 +5,9 @@ held-out data.
 Tasks 0..T-1; Δ = `LidConfig.tolerance`; buffers, sizes and chunks as `verifier.cl.buffers`.
 
 1. Task 0 is trained plainly. When a task j finishes (weights θ_j), its accuracy acc_j on its
-   search view (the training split, or with ``search_data="test"`` the optimisation part of
-   its test split, as `build_lid`'s ``clean``) sets τ_j = acc_j - Δ, and its buffer's first
+   search view (the training split, its validation part with ``search_data="validation"``,
+   or with ``search_data="test"`` the optimisation part of its test split, as `build_lid`'s
+   ``clean``) sets τ_j = acc_j - Δ, and its buffer's first
    chunks enter use.
 2. Task i >= 1, round 0: the LID is recomputed from scratch (no outer box) around the current
    weights on the buffers in use of tasks 0..i-1, one constraint per task at τ_j
@@ -34,8 +35,9 @@ Certificates: stage t is the LID around θ_t on tasks 0..t. For t < T-1 it is th
 task t+1 (task t's constraint on its first buffer chunks); for the last task a final LID whose
 last constraint uses the task's search view, up to `n_optimisation` samples (the task stores no
 buffer). Each stage is certified (float64 IBP, Clopper-Pearson, `certify_lid`) on every task's
-held-out data: the whole test split (``search_data="train"``) or the certification part of
-`held_out_view` (``search_data="test"``), which neither the buffers (training split), the
+held-out data: the test split (``search_data="train"`` or ``"validation"``, `n_certify` of it
+when set) or the certification part of `held_out_view` (``search_data="test"``), which neither
+the buffers (training split), the
 searches, training nor the repeat rule see. θ_t is the LID's centre, so `certified[t, j]`
 bounds θ_t's accuracy on task j (with probability >= 1 - β each); the last row bounds the final
 network's.
@@ -70,10 +72,10 @@ from verifier.cl.lid_learner import (
     LidStage,
     base_box,
     certify_lid,
-    held_out_view,
     lid_proof_method,
     train_projected,
 )
+from verifier.cl.lid_views import lid_views
 from verifier.cl.network import ContinualNetwork, network_graph
 from verifier.cl.replay_training import active_only, train_replay
 from verifier.cl.scenarios import Scenario, SplitTask, masked_logits
@@ -437,11 +439,7 @@ def run_replay_sequence(
     target = REPEAT_TARGETS[scenario] if config.repeat_target is None else config.repeat_target
     replay_batch = train_config.batch_size if config.replay_batch is None else config.replay_batch
     n = len(tasks)
-    views = (
-        list(tasks)
-        if config.search_data == "train"
-        else [held_out_view(t, config.certification_fraction, config.split_seed) for t in tasks]
-    )
+    views = lid_views(tasks, config)
     state = _Sequence(tasks, views, config)
     rows: list[Tensor] = []
     stages: list[LidStage] = []

@@ -26,12 +26,15 @@ evaluation and certification all work on the *masked* logits `logits[:, rows]`:
   - "position": which class of the pair (0 for the smaller, 1 for the larger; the earlier
     Split-CIFAR-10 variant). With the classic pairs (0,1), (2,3), ... it agrees with parity.
 * ``class`` (Class-IL): rows = all ten logits; label = the class.
+
+`hold_out_validation` moves a random part of each task's training split into a validation part
+that no method trains on (the paper's 80/20 Split-MNIST split).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal
 
 import torch
@@ -67,6 +70,9 @@ class SplitTask:
         y_train: labels as positions in `rows`, shape (n,), int64.
         x_test: test samples (the held-out part), shape (m, *input_shape).
         y_test: labels as positions in `rows`, shape (m,).
+        x_val: validation samples taken out of the training split (`hold_out_validation`),
+            which no method trains on, shape (v, *input_shape); None: no validation part.
+        y_val: labels as positions in `rows`, shape (v,), or None.
     """
 
     index: int
@@ -76,6 +82,8 @@ class SplitTask:
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
 
     @property
     def name(self) -> str:
@@ -259,6 +267,56 @@ def split_pairs(
 split_mnist = split_pairs
 """Build the task sequence of one scenario from MNIST train and test arrays: `split_pairs`
 under the name the Split-MNIST code uses."""
+
+
+def hold_out_validation(
+    tasks: Sequence[SplitTask], fraction: float, generator: torch.Generator
+) -> list[SplitTask]:
+    """Move a random `fraction` of each task's training split into its validation part.
+
+    The paper's Split-MNIST protocol (DESIGN.md section 5, "80/20 train/val split"): every
+    method then trains on the remaining `x_train`, and the validation part (`x_val`) is data
+    no method trains on (the LID search and τ use it with `search_data="validation"`). The
+    two parts are disjoint and together hold the training split; each keeps the split's order.
+
+    Args:
+        tasks: the task sequence (`split_pairs`), none with a validation part yet.
+        fraction: the part of each training split moved, in (0, 1) (the paper's: 0.2).
+        generator: source of randomness (one seed, one split; tasks drawn in order).
+
+    Returns:
+        The tasks with `x_train` / `y_train` the training part and `x_val` / `y_val` the
+        validation part (round(fraction * n) samples); everything else unchanged.
+
+    Raises:
+        InputError: a fraction outside (0, 1), a part left empty, or a task that already
+            holds a validation part.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise InputError(f"the validation fraction must be in (0, 1); got {fraction}")
+    out = []
+    for task in tasks:
+        if task.x_val is not None:
+            raise InputError(f"task {task.name} already holds a validation part")
+        n = task.x_train.shape[0]
+        n_val = round(fraction * n)
+        if not 0 < n_val < n:
+            raise InputError(
+                f"task {task.name}: a validation fraction {fraction} of {n} training samples "
+                "leaves the training or the validation part empty"
+            )
+        perm = torch.randperm(n, generator=generator)
+        val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
+        out.append(
+            replace(
+                task,
+                x_train=task.x_train[train],
+                y_train=task.y_train[train],
+                x_val=task.x_train[val],
+                y_val=task.y_train[val],
+            )
+        )
+    return out
 
 
 def masked_logits(logits: Tensor, rows: Sequence[int] | Tensor) -> Tensor:
