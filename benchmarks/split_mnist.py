@@ -267,19 +267,19 @@ def settings_for(args: argparse.Namespace) -> Settings:
     scenarios = tuple(args.scenarios)
     protocol: Protocol = args.protocol
     if args.tiny:
+        # protocol "paper": 512 training / 128 validation samples (the search sees as many as
+        # issue7's 128 training samples)
+        tiny_train = 640 if protocol == "paper" else 128
         return Settings(
             seeds=(0,),
             scenarios=scenarios,
             train=TrainConfig(epochs=1),
             lid_variants=lid_variants(10, 5, 100, boxed=args.boxed, **protocol_data(protocol, 64)),
             baselines=BASELINES,
-            # protocol "paper": 512 training / 128 validation samples (the search sees as
-            # many as issue7's 128 training samples)
-            train_limit=640 if protocol == "paper" else 128,
+            train_limit=tiny_train,
             test_limit=64,
             n_tasks=2,
-            label=f"tiny (tests only): 2 tasks, {640 if protocol == 'paper' else 128} train / "
-            "64 test samples, 1 epoch",
+            label=f"tiny (tests only): 2 tasks, {tiny_train} train / 64 test samples, 1 epoch",
             protocol=protocol,
         )
     if args.quick:
@@ -627,11 +627,12 @@ def _data_notes(settings: Settings) -> tuple[str, str]:
     if settings.protocol == "issue7":
         return "the task's train split", "the task's MNIST test split (never seen by any search)"
     n = n_certify_of(settings.test_limit)
+    buffers = any(" buffer " in method for method in settings.lid_variants)
     return (
         "the task's validation part (20% of its train split, never trained on)",
         f"{n} samples drawn (seeded per run) from the task's MNIST test split, the same for "
-        "every LID of a run (never seen by training or any search); the `LID buffer` rows' "
-        "buffers hold samples of the training part only",
+        "every LID of a run (never seen by training or any search)"
+        + ("; the `LID buffer` rows' buffers hold samples of the training part only" * buffers),
     )
 
 
@@ -673,7 +674,7 @@ def markdown(
         "Class-IL task 2 only (0.20 -> 0.73). "
         + (
             "Our LIDs box the final Linear only (the convolutions are pinned after task 1; a "
-            "full-network box costs ~50x more search time on a CPU)"
+            "full-network box costs ~25x the CPU time per run, RESULTS.md)"
             if _lid_of(settings).boxed == "head"
             else "Our LIDs box every parameter, convolutions included (the paper's setting)"
         )

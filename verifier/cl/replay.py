@@ -7,8 +7,7 @@ Tasks 0..T-1; Δ = `LidConfig.tolerance`; buffers, sizes and chunks as `verifier
 1. Task 0 is trained plainly. When a task j finishes (weights θ_j), its accuracy acc_j on its
    search view (the training split, its validation part with ``search_data="validation"``,
    or with ``search_data="test"`` the optimisation part of its test split, as `build_lid`'s
-   ``clean``) sets τ_j = acc_j - Δ, and its buffer's first
-   chunks enter use.
+   ``clean``) sets τ_j = acc_j - Δ, and its buffer's first chunks enter use.
 2. Task i >= 1, round 0: the LID is recomputed from scratch (no outer box) around the current
    weights on the buffers in use of tasks 0..i-1, one constraint per task at τ_j
    (`recompute_lid`). Task i is trained (`train_replay`: a fresh Adam, the task's epochs) with
@@ -37,10 +36,9 @@ last constraint uses the task's search view, up to `n_optimisation` samples (the
 buffer). Each stage is certified (float64 IBP, Clopper-Pearson, `certify_lid`) on every task's
 held-out data: the test split (``search_data="train"`` or ``"validation"``, `n_certify` of it
 when set) or the certification part of `held_out_view` (``search_data="test"``), which neither
-the buffers (training split), the
-searches, training nor the repeat rule see. θ_t is the LID's centre, so `certified[t, j]`
-bounds θ_t's accuracy on task j (with probability >= 1 - β each); the last row bounds the final
-network's.
+the buffers (training split), the searches, training nor the repeat rule see. θ_t is the
+LID's centre, so `certified[t, j]` bounds θ_t's accuracy on task j (with probability >= 1 - β
+each); the last row bounds the final network's.
 
 Works with the Split-MNIST CNN (``boxed="head"``: the body is pinned, i.e. frozen after task 0;
 ``boxed="all"``) and the Split-CIFAR `LinearHead` (the whole network is the head).
