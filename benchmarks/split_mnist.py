@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -499,7 +500,10 @@ def run_all(
                     results.append(method_job(settings, *unit, method, shared, _MNIST))
         return results, first_cpu
     order = _shared_order(methods)
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(1,)) as pool:
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(1,)
+    ) as pool:
         firsts = {
             u: pool.submit(pool_first_job, settings, u[0], u[1]) for u in units if u in shared_units
         }
