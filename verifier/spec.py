@@ -118,6 +118,21 @@ class LinearBoundSection(_Section):
     )
 
 
+class ReshapeSection(_Section):
+    """Reshaping the searched box toward the shape that maximises its size (`search.reshape`,
+    `verifier.search.reshape`)."""
+
+    rounds: int = Field(
+        0, ge=0, description="Rounds after the search (0: keep the search's own shape)."
+    )
+    step: float = Field(
+        0.5, gt=0.0, le=1.0, description="α: each round moves a width by (q̄ / q_i)^α."
+    )
+    clamp: float = Field(
+        2.0, gt=1.0, description="A round changes no width by more than this factor."
+    )
+
+
 class SearchSection(_Section):
     """The primal-dual LID search."""
 
@@ -162,6 +177,7 @@ class SearchSection(_Section):
     )
     seed: int = 0
     importance: ImportanceSection = ImportanceSection()
+    reshape: ReshapeSection = ReshapeSection()
 
     @field_validator("target_slack")
     @classmethod

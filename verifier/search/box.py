@@ -26,6 +26,7 @@ rounded inward to float32 so that projected float32 weights lie exactly inside.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -45,6 +46,7 @@ from verifier.search.dual import (
     tasks_on,
 )
 from verifier.search.float32 import down_float32, inward_float32
+from verifier.search.reshape import reshape_box
 from verifier.search.results import Checkpoint, SearchResult, SearchStep
 from verifier.search.shrink import shrink_to_feasible
 from verifier.search.surrogate import guide_bounds, search_plan, soft_metric
@@ -256,7 +258,17 @@ def search_lid(
             box = widths.box()
             hard_guide = hard_metrics(graph, box, tasks, proof=False, method=proof_method(config))
             checkpoints.append(Checkpoint(it, box, hard_guide, mean_width))
-    return _choose(graph, theta0, widths.box(), checkpoints, tasks, config, history)
+    result = _choose(graph, theta0, widths.box(), checkpoints, tasks, config, history)
+    if config.reshape.rounds == 0 or not result.feasible:
+        return result
+    reshaped = reshape_box(
+        graph, result.box, theta0, tasks, config, cap_lo=widths.cap_lo, cap_hi=widths.cap_hi
+    )
+    if reshaped is None:
+        return replace(result, chosen=f"{result.chosen}; reshaping found no larger box")
+    box, proved, round_ = reshaped
+    chosen = f"{result.chosen}, reshaped (round {round_} of {config.reshape.rounds})"
+    return replace(result, box=box, hard=proved, chosen=chosen)
 
 
 def _choose(
