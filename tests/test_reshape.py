@@ -99,3 +99,18 @@ def test_a_round_equalises_the_margin_cost_per_unit_of_size() -> None:
     clamped = config.model_copy(update={"reshape": ReshapeSection(rounds=1, step=1.0, clamp=1.5)})
     lo, _ = _moved(d, zero, g, zero, {"a": 3}, clamped)
     torch.testing.assert_close(lo["a"], torch.tensor([1.5, 1 / 1.5, 2.0], dtype=torch.float64))
+
+
+def test_reshape_on_a_zonotope_is_refused_in_one_line(tmp_path: Path) -> None:
+    from verifier.errors import SpecError
+    from verifier.spec import load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        "model: m.onnx\ndata: {name: digits}\ndomain: zonotope\n"
+        "tasks: [{name: t, target: 0.9}]\nsearch: {reshape: {rounds: 2}}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(SpecError, match="search.reshape applies to box LIDs only") as info:
+        load_spec(path)
+    assert "\n" not in str(info.value)

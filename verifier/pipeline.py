@@ -331,6 +331,7 @@ def _search(
     frozen: dict[str, Tensor] | None,
     device: str,
     on_step: Callable[[SearchStep], None] | None,
+    phase: Callable[[str], None],
 ) -> tuple[Box | Zonotope, SearchResult]:
     """One search at the tasks' current targets: (the domain, how it was found)."""
     if spec.domain == "box":
@@ -344,6 +345,9 @@ def _search(
             frozen=frozen,
             device=device,
             on_step=on_step,
+            on_reshape=lambda r, size: phase(
+                f"reshaping: round {r} of {spec.search.reshape.rounds}, size {size:.4f}"
+            ),
         )
         return result.box, result
     from verifier.search.zonotope import search_zonotope_lid
@@ -431,7 +435,9 @@ def _run_lid(
             f"searching a {spec.domain} over {n_searched} parameters (search {j + 1} of "
             f"{len(searches)}, target {targets})"
         )
-        domain, results[j] = _search(spec, graph, at_j, names, outer, frozen, run_device, on_step)
+        domain, results[j] = _search(
+            spec, graph, at_j, names, outer, frozen, run_device, on_step, phase
+        )
         if outer_lid is not None:
             check_inside(domain, outer_lid)
         sequence.offer(domain, j, tuple(t.search_target for t in at_j))

@@ -316,6 +316,8 @@ class Spec(_Section):
         if self.search.bound == "linear" and "method" not in self.certify.model_fields_set:
             certify = self.certify.model_copy(update={"method": "best"})
             object.__setattr__(self, "certify", certify)
+        if self.domain != "box" and self.search.reshape.rounds > 0:
+            raise ValueError("search.reshape applies to box LIDs only (domain: box)")
         return self
 
     @field_validator("tasks")

@@ -192,6 +192,7 @@ def search_lid(
     device: str | torch.device = "cpu",
     generator: torch.Generator | None = None,
     on_step: Callable[[SearchStep], None] | None = None,
+    on_reshape: Callable[[int, float], None] | None = None,
 ) -> SearchResult:
     """Search a large box around the graph's weights that meets every task's target.
 
@@ -205,6 +206,7 @@ def search_lid(
         device: where the search runs.
         generator: randomness of the mini-batches (default: seeded from config.seed).
         on_step: progress callback.
+        on_reshape: called with (round, size of its box) after each reshaping round.
 
     Returns:
         The chosen box (feasible on the optimisation part unless even θ0 is not), its hard
@@ -262,7 +264,14 @@ def search_lid(
     if config.reshape.rounds == 0 or not result.feasible:
         return result
     reshaped = reshape_box(
-        graph, result.box, theta0, tasks, config, cap_lo=widths.cap_lo, cap_hi=widths.cap_hi
+        graph,
+        result.box,
+        theta0,
+        tasks,
+        config,
+        cap_lo=widths.cap_lo,
+        cap_hi=widths.cap_hi,
+        on_round=on_reshape,
     )
     if reshaped is None:
         return replace(result, chosen=f"{result.chosen}; reshaping found no larger box")

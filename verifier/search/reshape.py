@@ -29,7 +29,7 @@ outer box, frozen entries and `max_width` bound every candidate as they bound th
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 
 import torch
@@ -59,6 +59,7 @@ def reshape_box(
     *,
     cap_lo: Mapping[str, Tensor],
     cap_hi: Mapping[str, Tensor],
+    on_round: Callable[[int, float], None] | None = None,
 ) -> tuple[Box, tuple[float, ...], int] | None:
     """Reshape `box` (feasible on the tasks' optimisation samples) for `config.reshape.rounds`
     rounds (module docstring).
@@ -71,6 +72,7 @@ def reshape_box(
         config: the search settings (`reshape`, `size`, `bound`, `temperature`, `max_width`).
         cap_lo: per entry, the largest d_lo allowed (0 where frozen, the outer box's room).
         cap_hi: the same for d_hi.
+        on_round: called with (round, the size of its box) after each round.
 
     Returns:
         (box, its float64 hard metrics, the round that gave it) when a reshaped box is larger
@@ -92,8 +94,11 @@ def reshape_box(
         scale = _feasible_scale(graph, center, d_lo, d_hi, caps, tasks, config)
         d_lo, d_hi = _bounded(d_lo, d_hi, caps, scale, config.max_width)
         candidate = _as_box(center, d_lo, d_hi)
-        if candidate.size(config.size) > best_size:
-            best, best_size = (candidate, round_), candidate.size(config.size)
+        size = candidate.size(config.size)
+        if size > best_size:
+            best, best_size = (candidate, round_), size
+        if on_round is not None:
+            on_round(round_, size)
     if best is None:
         return None
     proved, hard, _ = shrink_to_feasible(graph, best[0], theta0, tasks, method=method)
