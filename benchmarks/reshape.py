@@ -29,7 +29,7 @@ import argparse
 import platform
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def width_row(label: str, graph: Graph, run: LidRun, wall: float) -> str:
 
 
 def section_width(
-    models: Path, tmp: Path, rounds: int, iterations: int
+    models: Path, tmp: Path, rounds: int, iterations: int, nets: Sequence[str]
 ) -> tuple[list[str], dict[str, tuple[Box, SearchTask]]]:
     lines = [
         "| job | mean width | median width | layer log-width | Conv entries with width > 0 "
@@ -94,7 +94,7 @@ def section_width(
         "|" + "---|" * 10,
     ]
     lids: dict[str, tuple[Box, SearchTask]] = {}
-    for name, bound in JOBS:
+    for name, bound in (job for job in JOBS if job[0] in nets):
         path, _ = trained(name, models)
         graph = load_graph(path)
         for r in (0, rounds):
@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--models", type=Path, default=Path("/tmp/lid-linear-models"))
     parser.add_argument("--rounds", type=int, default=8, help="reshaping rounds")
+    parser.add_argument("--nets", nargs="+", default=["mlp_100_100", "paper_cnn"])
     parser.add_argument("--iterations", type=int, default=200, help="search iterations")
     parser.add_argument("--ceiling-samples", type=int, default=2000)
     parser.add_argument("--pgd-steps", type=int, default=20)
@@ -230,7 +231,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         print(f"\n## LID width with and without reshaping ({args.rounds} rounds)\n")
-        lines, lids = section_width(args.models, tmp, args.rounds, args.iterations)
+        lines, lids = section_width(args.models, tmp, args.rounds, args.iterations, args.nets)
         print("\n".join(lines), flush=True)
         if "ceiling" in args.only:
             print(f"\n## Attack ceiling of each LID's shape ({args.ceiling_samples} samples)\n")
