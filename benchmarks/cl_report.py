@@ -173,6 +173,10 @@ def lid_record(run: LidRun, *, counts: bool = False) -> dict[str, Any]:
         }
         if counts:
             stage["certified_counts"] = {str(j): [c.k, c.n] for j, c in s.certificates.items()}
+        if s.ladder_bounds:  # a certification ladder ran: the kept scale, every candidate's bound
+            stage["ladder_scale"] = s.ladder_scale
+            stage["ladder_bounds"] = list(s.ladder_bounds)
+            stage["certificate_beta"] = {str(j): c.beta for j, c in s.certificates.items()}
         stages.append(stage)
     return {
         "matrix": run.matrix.tolist(),

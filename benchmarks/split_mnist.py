@@ -65,6 +65,7 @@ import torch
 
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
 from verifier.cl.buffers import BUFFER_SIZES
+from verifier.cl.cl_ladder import checked_ladder
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.lid_views import SearchData
 from verifier.cl.metrics import average_accuracy
@@ -183,11 +184,13 @@ def lid_variants(
     *,
     search_data: SearchData = "train",
     n_certify: int | None = None,
+    ladder: Sequence[float] = (),
 ) -> dict[str, LidConfig]:
     """The LID variants reported, head-only boxes unless `boxed="all"`: plain and look-ahead
     (q = 0.5), with the Class-IL training loss over the classes seen so far; and, for
     Class-IL, plain with the 10-way training loss of the baselines. `search_data` and
-    `n_certify`: the protocol's (`protocol_data`)."""
+    `n_certify`: the protocol's (`protocol_data`); `ladder`: `--ladder`'s scales (none: no
+    certification ladder)."""
     search = PAPER_SEARCH.model_copy(
         update={
             "iterations": search_iterations,
@@ -197,7 +200,13 @@ def lid_variants(
             "target_slack": target_slack,
         }
     )
-    plain = LidConfig(search=search, boxed=boxed, search_data=search_data, n_certify=n_certify)
+    plain = LidConfig(
+        search=search,
+        boxed=boxed,
+        search_data=search_data,
+        n_certify=n_certify,
+        ladder=tuple(ladder),
+    )
     return {
         "LID": replace(plain, active_classes=True),
         "LID+look-ahead": replace(plain, lookahead=0.5, active_classes=True),
@@ -264,9 +273,10 @@ def protocol_data(protocol: Protocol, test_limit: int | None) -> dict[str, Any]:
 
 
 def settings_for(args: argparse.Namespace) -> Settings:
-    """The settings of the chosen mode and `--protocol`."""
+    """The settings of the chosen mode, `--protocol` and `--ladder`."""
     scenarios = tuple(args.scenarios)
     protocol: Protocol = args.protocol
+    ladder = tuple(getattr(args, "ladder", None) or ())
     if args.tiny:
         # protocol "paper": 512 training / 128 validation samples (the search sees as many as
         # issue7's 128 training samples)
@@ -275,7 +285,9 @@ def settings_for(args: argparse.Namespace) -> Settings:
             seeds=(0,),
             scenarios=scenarios,
             train=TrainConfig(epochs=1),
-            lid_variants=lid_variants(10, 5, 100, boxed=args.boxed, **protocol_data(protocol, 64)),
+            lid_variants=lid_variants(
+                10, 5, 100, boxed=args.boxed, ladder=ladder, **protocol_data(protocol, 64)
+            ),
             baselines=BASELINES,
             train_limit=tiny_train,
             test_limit=64,
@@ -289,7 +301,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
             scenarios=scenarios,
             train=TrainConfig(epochs=1),
             lid_variants=lid_variants(
-                50, 10, 400, boxed=args.boxed, **protocol_data(protocol, 500)
+                50, 10, 400, boxed=args.boxed, ladder=ladder, **protocol_data(protocol, 500)
             ),
             baselines=BASELINES,
             train_limit=2000,
@@ -308,6 +320,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
             args.search_lr,
             args.target_slack,
             args.boxed,
+            ladder=ladder,
             **protocol_data(protocol, None),
         ),
         baselines=BASELINES,
@@ -733,6 +746,23 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+class LadderAction(argparse.Action):
+    """--ladder: the scales, checked as `LidConfig` checks them (a usage error otherwise)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        """Store the checked scales, or exit with the check's one-line message."""
+        try:
+            setattr(namespace, self.dest, checked_ladder(values))
+        except ValueError as err:
+            parser.error(f"--ladder: {err}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line; its defaults are the paper's protocol (even/odd pairs, seeds 0-4)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -797,6 +827,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run 'LID all-layer IBP' and 'LID all-layer linear': every parameter boxed, "
         "size layer_log_width, interval or linear-bound search (--methods may name them)",
+    )
+    parser.add_argument(
+        "--ladder",
+        type=float,
+        nargs="+",
+        action=LadderAction,
+        metavar="S",
+        help="certification ladder of the LID variants, e.g. 1.0 0.7 0.5: a LID whose held-out "
+        "certificate misses τ is replaced by the widest candidate θ_t + S (LID_t - θ_t) that "
+        "meets it; every certificate is then at β / (number of scales) (default: no ladder)",
     )
     parser.add_argument(
         "--merge", action="store_true", help="replace the matching jobs in --raw, keep the rest"

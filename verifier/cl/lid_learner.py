@@ -37,6 +37,8 @@ Variants (`LidConfig`):
   box's width goes where the next task needs room. This peeks at the next task's training data.
 * Rows no task of the LID uses (other Task-IL heads; Domain-IL rows 2-9) are left free (width
   2 * `free_radius` on LID_1, inherited afterwards): the masked predictions never read them.
+* certification ladder (``ladder``, `verifier.cl.cl_ladder`): narrower candidates around θ_t
+  replace a LID_t whose held-out certificate misses τ_t; every certificate is then at β / m.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -57,6 +60,7 @@ from verifier.certify import (
     certify_task,
     required_rate,
 )
+from verifier.cl.cl_ladder import certificate_beta, check_nested, checked_ladder, climb_ladder
 from verifier.cl.head_certify import (
     HeadInputs,
     certify_head,
@@ -118,7 +122,8 @@ class LidConfig:
         lookahead: q, fraction of boxed entries frozen by next-task importance (0: off).
         n_lookahead: next-task training samples for the Fisher importance.
         n_optimisation: cap on the training samples the search sees (None: the whole split).
-        beta: 1 - confidence of each held-out certificate.
+        beta: 1 - confidence of each held-out certificate (each is computed at beta / m with
+            a ladder of m scales, so that it still holds with probability >= 1 - beta).
         free_radius: half-width of rows no task of the LID reads.
         certify_every_row: certify LID_t on every earlier task (else the diagonal and the
             last row only); cheap for head-only boxes, whose body features are cached.
@@ -141,6 +146,8 @@ class LidConfig:
         split_seed: the seed (task index added) of the search_data="test" split and of the
             `n_certify` draw; both use their own generators, so the training batches do not
             change.
+        ladder: certification ladder scales, e.g. (1.0, 0.7, 0.5): strictly decreasing, in
+            (0, 1], the first 1.0 (`verifier.cl.cl_ladder`); () (default): no ladder.
     """
 
     tolerance: float = 0.12
@@ -157,11 +164,17 @@ class LidConfig:
     n_certify: int | None = None
     certification_fraction: float = 0.5
     split_seed: int = 0
+    ladder: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Check the ladder (ValueError naming the problem) and keep it as a tuple."""
+        object.__setattr__(self, "ladder", checked_ladder(self.ladder))
 
 
 @dataclass(frozen=True, eq=False)
 class LidStage:
-    """What building one LID produced."""
+    """What building one LID produced (with a ladder: the kept candidate's scale and the lower
+    bounds of the candidates certified on task t, in order; `verifier.cl.cl_ladder`)."""
 
     task: int
     clean: float
@@ -177,6 +190,8 @@ class LidStage:
     n_boxed: int
     seconds: float
     certificates: dict[int, TaskCertificate] = field(default_factory=dict)
+    ladder_scale: float = 1.0
+    ladder_bounds: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,14 +307,6 @@ def base_box(graph: Graph, rows: Sequence[int], outer: Box | None, free_radius: 
             up[index] = outer.upper[name].to(up)[index]
         lower[name], upper[name] = lo, up
     return inward_float32(Box(lower, upper))
-
-
-def _check_nested(inner: Box, outer: Box) -> None:
-    for name, lo in inner.lower.items():
-        if bool((lo < outer.lower[name].to(lo)).any()) or bool(
-            (inner.upper[name] > outer.upper[name].to(lo)).any()
-        ):
-            raise SoundnessError(f"LID is not inside the previous LID on '{name}'")
 
 
 def graph_fisher(
@@ -461,7 +468,8 @@ def build_lid(
     n_cert = task.x_test.shape[0]
     slack = config.search.target_slack
     if slack == "auto":  # the rate whose held-out bound would just meet τ
-        search_target = required_rate(target, n_cert, config.beta, "clopper-pearson")
+        beta = certificate_beta(config.beta, config.ladder)
+        search_target = required_rate(target, n_cert, beta, "clopper-pearson")
     else:  # a fixed margin above τ, as in `verifier.pipeline`
         search_target = target + float(slack)
     search_target = min(search_target, clean)
@@ -496,7 +504,7 @@ def build_lid(
         # search_lid rounds its outer caps to float32 to the nearest, which can overshoot the
         # outer box by an ulp; the intersection is a subset of a feasible box, so still feasible
         box = box.intersect(outer)
-        _check_nested(box, outer)
+        check_nested(box, outer)
     return LidStage(
         task=task.index,
         clean=clean,
@@ -537,7 +545,7 @@ def run_lid_sequence(
 
     Returns:
         The accuracy matrix, the certified matrix (`certified[t, j]`, NaN where not computed)
-        and one stage per task.
+        and one stage per task (with `config.ladder`, each LID_t the kept candidate).
     """
     n = len(tasks)
     rows: list[Tensor] = []
@@ -546,6 +554,7 @@ def run_lid_sequence(
     outer: Box | None = None
     cache: dict[int, HeadInputs] = {}
     views = lid_views(tasks, config)
+    beta, method = certificate_beta(config.beta, config.ladder), lid_proof_method(config)
     for t, task in enumerate(tasks):
         if t == 0 and first is not None:
             resume_first_task(model, first, generator)
@@ -558,18 +567,25 @@ def run_lid_sequence(
         next_task = tasks[t + 1] if t + 1 < n else None
         stage = build_lid(model, views[t], next_task, outer, config, generator)
         graph = network_graph(model)
-        todo = range(t + 1) if config.certify_every_row or t == n - 1 else [t]
-        for j in todo:
-            target = stages[j].target if j < t else stage.target
-            cert = certify_lid(
+        if config.ladder:  # certifies the candidates on task t, keeps one (and its certificate)
+            certify = partial(
+                certify_lid,
                 graph,
-                stage.box,
-                views[j],
-                beta=config.beta,
-                target=target,
+                task=views[t],
+                beta=beta,
+                target=stage.target,
                 cache=cache,
-                method=lid_proof_method(config),
+                method=method,
             )
+            stage = climb_ladder(stage, graph, task.rows, outer, config.ladder, certify)
+        todo = range(t + 1) if config.certify_every_row or t == n - 1 else [t]
+        for j in todo:  # the ladder's certificate on task t is reused (and moved in order)
+            cert = stage.certificates.pop(j, None)
+            if cert is None:
+                target = stages[j].target if j < t else stage.target
+                cert = certify_lid(
+                    graph, stage.box, views[j], beta=beta, target=target, cache=cache, method=method
+                )
             stage.certificates[j] = cert
             certified[t, j] = cert.lower_bound
         stages.append(stage)
