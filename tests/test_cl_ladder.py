@@ -16,6 +16,7 @@ import torch
 
 import verifier.cl.lid_learner as lid_learner
 from tests.benchmark_loader import load_benchmark
+from tests.cl_data import clusters
 from verifier.certify import TaskCertificate, certificate_from_counts, certify_samples
 from verifier.cl.cl_ladder import (
     certificate_beta,
@@ -44,19 +45,9 @@ SEARCH = PAPER_SEARCH.model_copy(
 BASE = LidConfig(search=SEARCH, tolerance=0.3, n_certify=40)
 
 
-def _clusters(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples of each of ten separated clusters."""
-    centres = 3.0 * torch.rand(10, dim, generator=torch.Generator().manual_seed(dim))
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(10).repeat_interleave(n)
-    x = centres[y] + 0.3 * torch.randn(len(y), dim, generator=gen)
-    perm = torch.randperm(len(y), generator=gen)
-    return x[perm], y[perm]
-
-
 def _tasks() -> list[SplitTask]:
     """Two Task-IL tasks of a LinearHead on 8 features: 80 training, 200 test samples each."""
-    return split_pairs("task", [(1, 4), (2, 8)], _clusters(40, 8, 2), _clusters(100, 8, 3))
+    return split_pairs("task", [(1, 4), (2, 8)], clusters(40, 8, 2), clusters(100, 8, 3))
 
 
 def _run(config: LidConfig, tasks: list[SplitTask]) -> tuple[LidRun, LinearHead]:

@@ -17,6 +17,7 @@ import torch
 import verifier.cl.lid_learner as lid_learner
 import verifier.cl.training as training
 from tests.benchmark_loader import load_benchmark
+from tests.cl_data import clusters
 from verifier.cl.baselines import AGEM, EWC, SI, FineTune, Joint, LwF
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, LidStage, run_lid_sequence
 from verifier.cl.lid_views import certification_view, lid_views, validation_view
@@ -26,17 +27,6 @@ from verifier.cl.training import Strategy, TrainConfig, run_sequence
 from verifier.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _clusters(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples of each of ten separated clusters; every row is distinct (continuous noise),
-    so sets of rows identify samples."""
-    centres = 3.0 * torch.rand(10, dim, generator=torch.Generator().manual_seed(dim))
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(10).repeat_interleave(n)
-    x = centres[y] + 0.3 * torch.randn(len(y), dim, generator=gen)
-    perm = torch.randperm(len(y), generator=gen)
-    return x[perm], y[perm]
 
 
 def _rows(x: torch.Tensor) -> set[tuple[float, ...]]:
@@ -52,7 +42,7 @@ def _labels(x: torch.Tensor, y: torch.Tensor) -> dict[tuple[float, ...], int]:
 
 def _tasks(n_train: int, n_test: int, *, seed: int = 0) -> list[SplitTask]:
     """Two Task-IL tasks of `2 * n_train` training and `2 * n_test` test samples, split 80/20."""
-    train, test = _clusters(n_train, 6, 0), _clusters(n_test, 6, 1)
+    train, test = clusters(n_train, 6, 0), clusters(n_test, 6, 1)
     tasks = split_pairs("task", [(1, 4), (2, 8)], train, test)
     return hold_out_validation(tasks, 0.2, torch.Generator().manual_seed(seed))
 
@@ -66,7 +56,7 @@ def _accuracy(model: torch.nn.Module, task: SplitTask, x: torch.Tensor, y: torch
 
 
 def test_hold_out_validation_is_a_seeded_disjoint_80_20_split() -> None:
-    train, test = _clusters(30, 5, 0), _clusters(10, 5, 1)
+    train, test = clusters(30, 5, 0), clusters(10, 5, 1)
     whole = split_pairs("domain", [(3, 6), (0, 9), (4, 7)], train, test)
     tasks = hold_out_validation(whole, 0.2, torch.Generator().manual_seed(5))
     for before, after in zip(whole, tasks, strict=True):
@@ -90,7 +80,7 @@ def test_hold_out_validation_is_a_seeded_disjoint_80_20_split() -> None:
 
 
 def test_hold_out_validation_rejects_bad_fractions_and_a_second_split() -> None:
-    train, test = _clusters(2, 3, 0), _clusters(2, 3, 1)
+    train, test = clusters(2, 3, 0), clusters(2, 3, 1)
     tasks = split_pairs("task", [(0, 1)], train, test)  # 4 training samples
     for fraction in (0.0, 1.0, -0.2):
         with pytest.raises(InputError, match=r"in \(0, 1\)"):
@@ -131,7 +121,7 @@ def test_validation_views_search_on_the_validation_part_and_certify_on_n_test_sa
 
 
 def test_views_reject_a_missing_validation_part_and_a_bad_n_certify() -> None:
-    train, test = _clusters(10, 3, 0), _clusters(10, 3, 1)
+    train, test = clusters(10, 3, 0), clusters(10, 3, 1)
     (plain,) = split_pairs("task", [(0, 1)], train, test)
     with pytest.raises(InputError, match="no validation part"):
         lid_views([plain], LidConfig(search_data="validation"))
@@ -238,7 +228,7 @@ def test_every_baseline_trains_on_the_training_part_only(monkeypatch: pytest.Mon
 
 
 def _mnist_like() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {"train": _clusters(10, 4, 0), "test": _clusters(5, 4, 1)}
+    return {"train": clusters(10, 4, 0), "test": clusters(5, 4, 1)}
 
 
 def test_split_mnist_paper_protocol_is_the_default_and_shared_by_every_method(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.benchmark_loader import load_benchmark
+from tests.cl_data import clusters
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, held_out_view, run_lid_sequence
 from verifier.cl.network import LinearHead, SplitMnistCNN, cnn_graph, network_graph
 from verifier.cl.scenarios import masked_logits, split_mnist, split_pairs
@@ -21,17 +22,6 @@ from verifier.data.embeddings import Source
 from verifier.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _clusters(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n samples of each of ten well separated non-negative Gaussian clusters (the centres
-    depend on `dim` only, so train and test samples share them)."""
-    centres = 3.0 * torch.rand(10, dim, generator=torch.Generator().manual_seed(dim))
-    gen = torch.Generator().manual_seed(seed)
-    y = torch.arange(10).repeat_interleave(n)
-    x = (centres[y] + 0.3 * torch.randn(len(y), dim, generator=gen)).clamp_min(0.0)
-    perm = torch.randperm(len(y), generator=gen)
-    return x[perm], y[perm]
 
 
 def test_linear_head_graph_matches_the_module() -> None:
@@ -58,7 +48,7 @@ def test_network_graph_of_the_cnn_is_cnn_graph() -> None:
 
 
 def test_split_pairs_takes_feature_vectors_and_equals_split_mnist() -> None:
-    train, test = _clusters(6, 5, 0), _clusters(4, 5, 1)
+    train, test = clusters(6, 5, 0, non_negative=True), clusters(4, 5, 1, non_negative=True)
     pairs = [(3, 7), (0, 9)]
     for scenario in ("task", "domain", "class"):
         a = split_pairs(scenario, pairs, train, test)
@@ -71,7 +61,7 @@ def test_split_pairs_takes_feature_vectors_and_equals_split_mnist() -> None:
 
 
 def test_held_out_view_splits_the_test_split_into_disjoint_seeded_parts() -> None:
-    train, test = _clusters(6, 5, 0), _clusters(5, 5, 1)
+    train, test = clusters(6, 5, 0, non_negative=True), clusters(5, 5, 1, non_negative=True)
     task = split_pairs("task", [(3, 7)], train, test)[0]
     view = held_out_view(task, 0.4, 0)
     assert view.x_test.shape[0] == 4 and view.x_train.shape[0] == 6
@@ -95,7 +85,7 @@ def test_nested_head_lids_on_features_certify_soundly(
 ) -> None:
     """Two tasks with a LinearHead: nested LIDs, weights inside, and every network sampled
     from the last LID is at least as accurate on each task's held-out data as certified."""
-    train, test = _clusters(40, 8, 2), _clusters(30, 8, 3)
+    train, test = clusters(40, 8, 2, non_negative=True), clusters(30, 8, 3, non_negative=True)
     tasks = split_pairs(scenario, [(1, 4), (2, 8)], train, test)  # type: ignore[arg-type]
     model = LinearHead(8, torch.Generator().manual_seed(0))
     search = PAPER_SEARCH.model_copy(
