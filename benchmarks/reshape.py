@@ -114,15 +114,9 @@ def _search_task(spec_path: Path, graph: Graph) -> SearchTask:
 
 
 def _shape(graph: Graph, box: Box) -> Callable[[float], Box]:
+    """The LID's shape at scale s around θ0 (s = 1: the LID), corners rounded inward."""
     theta0 = {n: graph.parameters[n].double() for n in box.names}
-    d_lo = {n: theta0[n] - box.lower[n] for n in box.names}
-    d_hi = {n: box.upper[n] - theta0[n] for n in box.names}
-
-    def scaled(s: float) -> Box:
-        lower = {n: theta0[n] - s * d_lo[n] for n in box.names}
-        return inward_float32(Box(lower, {n: theta0[n] + s * d_hi[n] for n in box.names}))
-
-    return scaled
+    return lambda s: inward_float32(box.scaled(theta0, s))
 
 
 def _worst_margin(graph: Graph) -> Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]:
@@ -136,7 +130,9 @@ def _worst_margin(graph: Graph) -> Callable[[dict[str, Tensor], Tensor, Tensor],
 
 def attacked_rate(graph: Graph, box: Box, x: Tensor, y: Tensor, steps: int) -> float:
     """Fraction of samples whose smallest margin stays > 0 under per-sample weight-space PGD
-    (signed steps on the margin to the runner-up, the first one the full box width)."""
+    (signed steps on the margin to the runner-up, the first one the full box width): the PGD of
+    `verifier.crosscheck.falsify`, batched over samples with vmap (that one attacks one sample
+    and class at a time, too slow for thousands of samples per scale)."""
     margin = _worst_margin(graph)
     value, slope = vmap(margin), vmap(grad(margin))
     names = box.names

@@ -276,7 +276,7 @@ def settings_for(args: argparse.Namespace) -> Settings:
     """The settings of the chosen mode, `--protocol` and `--ladder`."""
     scenarios = tuple(args.scenarios)
     protocol: Protocol = args.protocol
-    ladder = tuple(getattr(args, "ladder", None) or ())
+    ladder = tuple(args.ladder or ())
     if args.tiny:
         # protocol "paper": 512 training / 128 validation samples (the search sees as many as
         # issue7's 128 training samples)

@@ -13,7 +13,9 @@ entry's width and n_t the free entries of its tensor, ∂S/∂d_i is 1/(n_t w_i)
 `layer_log_width`, 1/(p w_i) for `mean_log_width` and 1/p for `mean_width`. Each round:
 
 1. C's gradient: minus the soft certified metric (`verifier.search.surrogate.soft_metric`) of
-   every task's gradient samples, bounded as the search bounds them, at the current box;
+   every task's gradient samples at the current box, bounded by the search's guide (intervals,
+   or per entry the tighter of intervals and linear bounds for `search.bound: linear`; a
+   `midrad` search is reshaped by exact intervals, the bound its proofs use);
 2. every width variable moves by the factor (q̄ / q_i)^α, clamped to [1/c, c] (q̄: the
    geometric mean of the positive q_i); a variable no sample is sensitive to (q_i = 0) keeps
    its width: nothing in the data measures how far it may go;
