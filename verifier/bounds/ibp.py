@@ -145,7 +145,8 @@ class _Walker:
             def product(a: Tensor, m: Tensor) -> Tensor:
                 return conv2d(op, a, m)
 
-            out = enclose_bilinear(h, w, product, rule=self.rule)
+            stack = 1 if op.groups == 1 else None
+            out = enclose_bilinear(h, w, product, rule=self.rule, stack_axis=stack)
             axis = 1
         out = _affine_rest(out, b, op.scale, axis)
         if not self.track:

@@ -105,6 +105,7 @@ def enclose_bilinear(
     rule: Rule = "exact",
     crossing: Callable[[Interval, Interval], Interval] | None = None,
     nonnegative: bool | None = None,
+    stack_axis: int | None = None,
 ) -> Interval:
     """Enclose product(x, w) for every x and w in their intervals.
 
@@ -121,6 +122,12 @@ def enclose_bilinear(
             entries use the sound split xu*wl + xl*wu (looser, still sound).
         nonnegative: whether every entry of x.lower is >= 0, when the caller has already
             checked it (saves a pass over x); None checks here. A wrong True is unsound.
+        stack_axis: the input-channel axis of x (1 for an ungrouped convolution), when
+            `product` maps x's channels on that axis through w's axis 1 to outputs on w's
+            axis 0 and the output's `stack_axis`: the products that share an input are then
+            one product of stacked channels (one convolution instead of two or four; each
+            output is the same sum of terms, at most twice as many per sum, which the
+            rounding allowance of `verifier.bounds.ibp` covers). None: separate products.
 
     Returns:
         The enclosure of the output.
@@ -133,7 +140,13 @@ def enclose_bilinear(
         return Interval(mid - rad, mid + rad)
     if x.is_point:
         wc, wr = weight.centre(), weight.radius()
-        mid, rad = product(x.lower, wc), product(x.lower.abs(), wr)
+        if stack_axis is not None and (
+            nonnegative if nonnegative is not None else bool((x.lower >= 0).all())
+        ):
+            # |x| = x: one product with the centre and radius stacked as outputs
+            mid, rad = product(x.lower, torch.cat([wc, wr])).chunk(2, dim=stack_axis)
+        else:
+            mid, rad = product(x.lower, wc), product(x.lower.abs(), wr)
         return Interval(mid - rad, mid + rad)
     if rule == "midrad":
         xc, xr = x.centre(), x.radius()
@@ -149,6 +162,16 @@ def enclose_bilinear(
     if nonnegative is None:
         nonnegative = bool((xl >= 0).all())
     if nonnegative:
+        if stack_axis is not None:
+            # inputs [xl, xu] stacked on the channel axis, weights [[wl+, wl-], [wu-, wu+]]:
+            # the lower corner's two products and the upper's in one product
+            stacked = torch.cat(
+                [torch.cat([wl_pos, wl_neg], dim=1), torch.cat([wu_neg, wu_pos], dim=1)]
+            )
+            lower, upper = product(torch.cat([xl, xu], dim=stack_axis), stacked).chunk(
+                2, dim=stack_axis
+            )
+            return Interval(lower, upper)
         lower = product(xl, wl_pos) + product(xu, wl_neg)
         upper = product(xu, wu_pos) + product(xl, wu_neg)
         return Interval(lower, upper)
