@@ -86,6 +86,7 @@ from verifier.files import write_text_atomic
 from verifier.graph import Graph
 from verifier.onnx.export import linear_head_model
 from verifier.pipeline import LidRun, prepare_task, run_lid
+from verifier.runtime import tune_allocator
 from verifier.search import SearchStep
 from verifier.spec import DataSection, ImportanceSection, Spec, load_spec
 
@@ -825,6 +826,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    tune_allocator()
     torch.set_num_threads(1)
     args.load_at_start = os.getloadavg()[0]
     if args.experiment == "synthetic":

@@ -102,6 +102,7 @@ from verifier.data.samples import data_sha256
 from verifier.errors import InputError
 from verifier.files import write_text_atomic
 from verifier.onnx.export import linear_head_model
+from verifier.runtime import tune_allocator
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
     import cl_report
@@ -548,6 +549,7 @@ _FEATURES: dict[str, Features] = {}
 
 
 def _init_worker(threads: int) -> None:
+    tune_allocator()
     torch.set_num_threads(threads)
 
 
@@ -1214,6 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run (or reload) the benchmark, print and write the results."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()
     if argv[:1] == ["embed"]:
         return embed_main(argv[1:])
     if argv[:1] == ["export-head"]:

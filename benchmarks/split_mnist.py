@@ -87,6 +87,7 @@ from verifier.cl.training import (
 )
 from verifier.data import load_dataset
 from verifier.errors import InputError
+from verifier.runtime import tune_allocator
 from verifier.spec import LinearBoundSection
 
 try:  # run as a script: its folder, benchmarks/, is first on sys.path
@@ -369,6 +370,7 @@ _MNIST: Mnist = {}
 
 
 def _init_worker(threads: int) -> None:
+    tune_allocator()
     torch.set_num_threads(threads)
     for split in ("train", "test"):
         data = load_dataset("mnist", split=split)
@@ -867,6 +869,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run (or reload) the benchmark, print and write the results."""
     args = build_parser().parse_args(argv)
+    tune_allocator()
     log = cl_report.log
     old: dict[str, Any] = {}
     if args.from_raw or args.merge:

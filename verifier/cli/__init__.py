@@ -14,6 +14,7 @@ import click
 
 from verifier.cli import crosscheck, embed, lid, model, report, update
 from verifier.cli.conventions import BadInput, ExitCode
+from verifier.runtime import tune_allocator
 
 __all__ = ["BadInput", "ExitCode", "cli", "main"]
 
@@ -42,6 +43,7 @@ INTERRUPTED = 130
 def main() -> None:
     """Console-script entry point: click's standalone handling, except that Ctrl-C exits 130
     (click's default, 1, would read as "specification not met")."""
+    tune_allocator()
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Abort as err:

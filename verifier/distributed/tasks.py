@@ -65,6 +65,9 @@ class _Timed:
 def _run_timed(function: Callable[..., Any], shared: tuple[Any, ...], item: Any) -> _Timed:
     import ray
 
+    from verifier.runtime import tune_allocator
+
+    tune_allocator()
     if isinstance(shared, _SharedRef):
         shared = _shared_value(ray, shared.ref)
     started = time.perf_counter()
