@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 LAYERS: Final[tuple[tuple[str, ...], ...]] = (
     ("errors",),  # the exception hierarchy
-    ("rounding", "files"),  # floating-point error bounds; atomic writes, hashes, folder locks
+    ("rounding", "files", "runtime"),  # float error bounds; atomic writes, locks; allocator
     ("graph",),  # the typed op graph every engine walks
     ("data",),  # data sets, encoders, feature caches
     ("onnx", "domains", "spec"),  # ONNX in/out; Box and Zonotope; spec files
