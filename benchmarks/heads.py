@@ -660,6 +660,8 @@ def markdown(outcome: Outcome, args: argparse.Namespace, command: str) -> str:
         f"* Start: Task-1 balanced accuracy {outcome.start_task1:.4f} held out "
         f"({outcome.clean_opt:.4f} on the optimisation part); τ = {outcome.target:.4f} "
         f"(spec target `{spec.tasks[0].target}`).",
+        "* Task-1 heads: class-balanced logistic regression on the Task-1 train split "
+        "(`scripts/embed.py`; the paper: 1 epoch of Adam 5e-4 on class-balanced data).",
         f"* LID search: {spec.search.bound} bounds, {spec.search.iterations} iterations, "
         f"batch {spec.search.batch_size}, checkpoints every {spec.search.checkpoint_every} "
         f"(`--search {args.search}`; the paper: {PAPER_LID['iterations']} iterations, batch "

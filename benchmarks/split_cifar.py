@@ -549,7 +549,6 @@ _FEATURES: dict[str, Features] = {}
 
 
 def _init_worker(threads: int) -> None:
-    tune_allocator()
     torch.set_num_threads(threads)
 
 

@@ -370,7 +370,6 @@ _MNIST: Mnist = {}
 
 
 def _init_worker(threads: int) -> None:
-    tune_allocator()
     torch.set_num_threads(threads)
     for split in ("train", "test"):
         data = load_dataset("mnist", split=split)

@@ -8,8 +8,9 @@ keeping freed memory in the process (below) made the step 1.3-1.5x faster (0.18-
 0.14 s). Memory a step frees is kept for the next step instead of being returned; the peak
 is unchanged.
 
-`tune_allocator` is called by the CLI and the benchmark scripts at start-up and in their
-worker processes; it does nothing where the C library is not glibc.
+`tune_allocator` is called by the CLI and the benchmark scripts at start-up (their forked
+workers inherit the settings) and by every Ray task; it does nothing where the C library is
+not glibc.
 """
 
 from __future__ import annotations
