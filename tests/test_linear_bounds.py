@@ -333,6 +333,52 @@ def test_shared_conv_kernel_on_a_point_input_is_exact() -> None:
     assert float(margin_bounds(graph, lower, upper, x, y).lower[0, 1]) < bound - 1e-3
 
 
+@pytest.mark.parametrize(("strides", "groups"), [((1, 1), 1), ((1, 1), 2), ((2, 1), 2)])
+def test_shared_conv_kernel_on_a_box_dependent_input_is_exact(
+    strides: tuple[int, int], groups: int
+) -> None:
+    """Conv (fixed kernel, bias boxed by 1e-9) -> Conv (boxed kernel) -> Reshape -> Gemm: the
+    second Conv's input is no point, but so nearly one that the margin is linear in its kernel;
+    one kernel enters every output position, so the bound meets the vertex against the gradient
+    within the input box's effect. The per-term rule (and IBP) lets every position pick its own
+    corner of the kernel and stays far below."""
+    gen = torch.Generator().manual_seed(16)
+    f64 = torch.float64
+    params = {
+        "k0": torch.randn(4, 1, 3, 3, generator=gen, dtype=f64),
+        "b0": torch.randn(4, generator=gen, dtype=f64),
+        "k1": torch.randn(2, 4 // groups, 3, 3, generator=gen, dtype=f64),
+    }
+    ops = (
+        Conv("c0", "k0", "b0", pads=(1, 1, 1, 1), inputs=("x",), output="h"),
+        Conv("c1", "k1", None, strides=strides, groups=groups, inputs=("h",), output="c"),
+        Reshape("flat", (-1,), inputs=("c",), output="f"),
+        Linear("head", "w", None, inputs=("f",), output="logits"),
+    )
+    x = torch.randn(1, 1, 6, 7, generator=gen, dtype=f64)
+    width = 2 * ((6 - 3) // strides[0] + 1) * ((7 - 3) // strides[1] + 1)
+    params["w"] = torch.randn(2, width, generator=gen, dtype=f64)
+    graph = Graph(ops, params, "x", (1, 6, 7), "logits", 2)
+    lower, upper = box_around(graph, 0.1, ["k1"], generator=gen)
+    lower["b0"], upper["b0"] = params["b0"] - 1e-9, params["b0"] + 1e-9
+    y = torch.zeros(1, dtype=torch.long)
+    bounds = linear_margin_bounds(graph, lower, upper, x, y, track_rounding=True)
+    bound = float(bounds.lower[0, 1])
+    theta = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
+    logits = graph.forward(x, theta)
+    grads = torch.autograd.grad(logits[0, 0] - logits[0, 1], list(theta.values()))
+    vertex = {
+        name: torch.where(g > 0, lower[name], upper[name])
+        for name, g in zip(theta, grads, strict=True)
+    }
+    attained = graph.forward(x, vertex)
+    exact = float(attained[0, 0] - attained[0, 1])
+    assert bound <= exact + 1e-12
+    assert bound == pytest.approx(exact, abs=1e-6)
+    assert bounds.rounding is not None and float(bounds.rounding[0, 1]) < 1e-9
+    assert float(margin_bounds(graph, lower, upper, x, y).lower[0, 1]) < bound - 1e-2
+
+
 # ------------------------------------------------------------------ gradients
 
 

@@ -38,6 +38,10 @@ gamma_n sum |a_i b_i|; gamma_a + gamma_b + gamma_a gamma_b <= gamma_{a+b}):
   below; a shared kernel (`concretise_shared_weight`): the correlation G errs by
   gamma_{P+2} (|L ws| * m_h) + |L ws| * e_h (P positions), the sums over the weight by
   gamma_{2 n_W + 1} sum |W|max |G|;
+* a Conv kernel on an input that is no point (`_shared_kernel`): the range [Gl, Gu] of each
+  kernel entry's coefficient is widened by gamma_{P+6} sum |L| * m_h, the intercepts refitted
+  to it; the constant sum Wr t~ adds gamma_{n_W+1} sum Wr |t~| + gamma_3 sum 2 Wr (|Gl|+|Gu|),
+  the coefficients the affine charge above (|Wc - Wr s| <= |W|max);
 * bias and shift: gamma_{n_sp + 2 n_out + 2} sum_o (sum_sp |L|) |bs| |b|max and
   gamma_{n} sum |L| |shift|;
 * activation (n entries): L~_in = L s_lo + L- (s_up - s_lo) takes four roundings per entry
@@ -68,6 +72,7 @@ with equal bounds.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -218,16 +223,27 @@ class LinearEngine:
         self.walker = BackSubstitution(graph, self.enclosures, boxes, track=track)
         refine = self._refine if intermediate == "crown" else None
         self._needs = _refined_tensors(graph) if refine is not None else set()
+        self._nonnegative = _nonnegative_tensors(graph) if track else set()
         env = propagate_tensors(graph, lower, upper, x, track_rounding=track, refine=refine)
         for name, (interval, err) in env.items():
             if name not in self.enclosures:
-                self.enclosures[name] = Enclosure.of(interval, err, track=track)
+                self.enclosures[name] = self._enclose(name, interval, err)
+
+    def _enclose(self, name: str, interval: Interval, err: Tensor | None) -> Enclosure:
+        """The enclosure of an interval-pass result; a ReLU's output keeps lower >= 0 in proof
+        mode (its exact value is >= 0 whatever the float error, so the widening stops at 0 and
+        the rules for nonnegative inputs still apply)."""
+        enclosure = Enclosure.of(interval, err, track=self.track)
+        if name in self._nonnegative and bool((enclosure.lower < 0).any()):
+            lower = enclosure.lower.clamp_min(0.0)
+            return replace(enclosure, lower=lower, upper=torch.maximum(enclosure.upper, lower))
+        return enclosure
 
     def _refine(self, op: Op, env: dict[str, Enclosed]) -> Enclosed | None:
         """Intersect a pre-activation's interval bounds with its back-substituted bounds."""
         for name in op.inputs:
             if name not in self.enclosures:
-                self.enclosures[name] = Enclosure.of(*env[name], track=self.track)
+                self.enclosures[name] = self._enclose(name, *env[name])
         if op.output not in self._needs:
             return None
         interval, err = env[op.output]
@@ -285,6 +301,11 @@ def _refined_tensors(graph: Graph) -> set[str]:
         elif isinstance(op, Elementwise) and op.op == "div" and op.constant_first:
             needs.add(op.inputs[0])
     return needs
+
+
+def _nonnegative_tensors(graph: Graph) -> set[str]:
+    """Outputs of ReLUs: exactly >= 0 whatever their computed enclosure says."""
+    return {op.output for op in graph.ops if isinstance(op, Activation) and op.function == "relu"}
 
 
 def _needs_grad(lower: Mapping[str, Tensor], upper: Mapping[str, Tensor], x: Tensor) -> bool:

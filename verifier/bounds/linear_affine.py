@@ -23,8 +23,12 @@ P <= Q. On the input's enclosure [l, u]:
   output position, so the outputs are not independent; `concretise_shared_weight` is exact:
   with G the correlation of L with h (the coefficient of each weight entry), min sum W G =
   sum Wc G - Wr |G|. The per-term rule above (and IBP) would let each position pick its own
-  corner, which is sound but looser. On inputs that are not points the per-term rule is kept
-  for Conv too (|G| <= sum |L| |h| there: a triangle-inequality relaxation).
+  corner, which is sound but looser;
+* a Conv with a boxed kernel on an input that is no point (`_shared_kernel`): G is linear in h
+  and ranges in [Gl, Gu] over the input's enclosure, so -Wr |G| is bounded below by the chord
+  of |.| there (exact where G keeps its sign): one kernel per row, Wc - Wr s, in place of the
+  per-term rule's |L| Wr, which is the triangle inequality |G| <= sum |L| |h|. On the paper's
+  CNN, 3% box, 200 MNIST samples: 0.77 certified against 0.46.
 
 Bias: sum_o L+ b_lo + L- b_up = L bc - |L| br. `AffineScale` (y = ws (W h) + bs b + shift) folds
 into the coefficients: L ws for the weight (its sign flips the corners through |L ws|), L bs for
@@ -34,14 +38,22 @@ the bias, and a constant L shift.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from verifier.bounds.linear_ledger import Enclosure, Ledger, row_dot, row_sum
+from verifier.bounds.linear_ledger import (
+    Enclosure,
+    Ledger,
+    charge_factor,
+    round_down,
+    round_up,
+    row_dot,
+    row_sum,
+)
 from verifier.graph import Conv, Graph, Linear, conv2d, linear_weight
 
 
@@ -98,31 +110,43 @@ class AffineBox:
         return conv2d(self.op, h, weight)
 
     def transposed(self, lam: Tensor, weight: Tensor, in_shape: tuple[int, ...]) -> Tensor:
-        """lam (batch, rows, *out_shape) through the transposed product: (batch, rows, *in)."""
+        """lam (batch, rows, *out_shape) through the transposed product: (batch, rows, *in).
+
+        `weight` is the op's (its layout), or for a Conv one kernel per row: shape
+        (batch, rows, groups, c_out/groups, c_in/groups * kh * kw), `_correlate`'s layout.
+        """
         if isinstance(self.op, Linear):
             return lam @ weight
         op = self.op
         batch, rows = lam.shape[:2]
-        flat = lam.reshape(batch * rows, *lam.shape[2:])
+        if weight.dim() == 5:  # a kernel per row: one group per row (and per op group)
+            c_out, c_in_per_group, kh, kw = self.centre.shape
+            flat = lam.reshape(1, batch * rows * c_out, *lam.shape[3:])
+            weight = weight.reshape(batch * rows * c_out, c_in_per_group, kh, kw)
+            groups = batch * rows * op.groups
+        else:
+            flat = lam.reshape(batch * rows, *lam.shape[2:])
+            groups = op.groups
         top, left, bottom, right = op.pads
         height, width = in_shape[1] + top + bottom, in_shape[2] + left + right
         kh, kw = weight.shape[-2:]
         (sh, sw), (dh, dw) = op.strides, op.dilations
         extra_h = height - ((flat.shape[-2] - 1) * sh + dh * (kh - 1) + 1)
         extra_w = width - ((flat.shape[-1] - 1) * sw + dw * (kw - 1) + 1)
-        if (
-            op.strides == (1, 1)
-            and op.dilations == (1, 1)
-            and op.groups == 1
-            and not (extra_h or extra_w)
-        ):
-            # the same product as a plain convolution with the flipped, transposed kernel:
-            # CPU back ends run that several times faster than conv_transpose2d
-            kernel = weight.flip(2, 3).transpose(0, 1)
-            full = F.conv2d(flat, kernel, None, 1, (kh - 1, kw - 1))
+        if op.strides == (1, 1) and op.dilations == (1, 1) and not (extra_h or extra_w):
+            # the same product as a convolution with the flipped kernel, each group's block
+            # transposed: CPU back ends run that several times faster than conv_transpose2d
+            c_in, per_out = weight.shape[0], weight.shape[1]
+            kernel = (
+                weight.reshape(groups, c_in // groups, per_out, kh, kw)
+                .transpose(1, 2)
+                .reshape(groups * per_out, c_in // groups, kh, kw)
+                .flip(2, 3)
+            )
+            full = F.conv2d(flat, kernel, None, 1, (kh - 1, kw - 1), 1, groups)
         else:
             full = F.conv_transpose2d(
-                flat, weight, None, op.strides, 0, (extra_h, extra_w), op.groups, op.dilations
+                flat, weight, None, op.strides, 0, (extra_h, extra_w), groups, op.dilations
             )
         out = full[..., top : top + in_shape[1], left : left + in_shape[2]]
         return out.reshape(batch, rows, *in_shape)
@@ -224,6 +248,8 @@ def backward_affine(box: AffineBox, lam: Tensor, h: Enclosure, ledger: Ledger) -
     in_shape = h.shape
     if box.radius is None:
         lam_h = box.transposed(lam_w, box.centre, in_shape)
+    elif isinstance(op, Conv):
+        lam_h = _shared_kernel(box, lam_w, h, ledger)
     elif isinstance(op, Linear) and bool((h.lower >= 0).all()):
         # the common case (after a ReLU): P = L Wc - |L| Wr as one fused product
         flat = lam_w.reshape(-1, lam_w.shape[-1])
@@ -252,6 +278,67 @@ def backward_affine(box: AffineBox, lam: Tensor, h: Enclosure, ledger: Ledger) -
     return lam_h
 
 
+def _shared_kernel(box: AffineBox, lam: Tensor, h: Enclosure, ledger: Ledger) -> Tensor:
+    """Back-substitute lam through a Conv whose kernel is boxed, on an input that is no point.
+
+    The per-term rule lets every output position pick its own corner of the kernel; one kernel
+    enters them all. With G_k(h) the correlation of lam with h (the coefficient of kernel entry
+    k, linear in h), lam . (W h) = sum_k W_k G_k(h), whose minimum over the box is
+    sum_k Wc_k G_k(h) - Wr_k |G_k(h)|. Over the input's enclosure G_k ranges in [Gl_k, Gu_k]
+    (centre and radius correlations), so |G_k| <= s_k G_k + t_k with s_k = +-1, t_k = 0 where
+    G_k keeps its sign (exact), and where it crosses zero the chord
+    s_k = (Gu + Gl) / (Gu - Gl) with the tightest intercept for the computed slope,
+    t_k = max(Gu (1 - s_k), -Gl (1 + s_k)). The coefficients on h are the transposed product of
+    lam with one kernel per row, Wc - Wr s; the constant is -sum_k Wr_k t_k. Valid for any
+    input enclosure (no sign needed); on the paper's CNN it certifies 0.77 of 200 samples at
+    a 3% box where the per-term rule certifies 0.46.
+
+    Proof mode: [Gl, Gu] is widened by gamma_{P+6} corr(|lam|, m_h) (P positions per entry;
+    the correlations' sums, the rounded centre and radius of h, the box they span, and the
+    additions), so it holds for the exact G; the slopes are chosen before the widening and the
+    intercept refitted after it. The coefficients err by at most the per-term rule's charge
+    (|Wc - Wr s| <= |W|max, two roundings per kernel entry; `backward_affine` charges it); the
+    constant is a sum of n_W products, gamma_{n_W+1} sum Wr |t~|, and t~ errs from the exact
+    intercept for the computed slope by at most gamma_3 2 (|Gu| + |Gl|) (1 - s and the
+    product, then the max).
+
+    Args:
+        box: the Conv's parameter box (weight boxed).
+        lam: coefficients on the op's output, weight scale folded in (batch, rows, *out).
+        h: the enclosure of the op's input.
+        ledger: receives the chord constants.
+
+    Returns:
+        Coefficients on the op's input, (batch, rows, *in_shape).
+    """
+    assert box.radius is not None
+    centre, radius = _grouped(box, box.centre), _grouped(box, box.radius)
+    mid = (h.lower + h.upper) / 2
+    half = (h.upper - h.lower) / 2
+    (g_mid,) = _correlate_conv(box, lam, [mid])
+    spreads = _correlate_conv(
+        box, lam.abs(), [half] if h.magnitude is None else [half, h.magnitude]
+    )
+    low, high = g_mid - spreads[0], g_mid + spreads[0]
+    cross = (low < 0) & (high > 0)
+    width = torch.where(cross, high - low, torch.ones_like(high))
+    slope = torch.where(low >= 0, 1.0, torch.where(high <= 0, -1.0, (high + low) / width))
+    slope = slope.clamp(-1.0, 1.0)
+    if ledger.track:  # the slopes stand; the intercept is fitted to the widened range
+        positions = math.prod(lam.shape[2:]) // int(box.centre.shape[0])
+        slack = charge_factor(positions + 6, positions + 1) * spreads[1]
+        low, high = round_down(low - slack), round_up(high + slack)
+    icpt = torch.maximum(high * (1 - slope), -low * (1 + slope)).clamp_min(0.0)
+    lam_h = box.transposed(lam, centre - radius * slope, h.shape)
+    spent = radius * icpt
+    ledger.add(-row_sum(spent))
+    if ledger.track:
+        n_w = box.centre.numel()
+        ledger.charge(n_w + 1, n_w + 2, row_sum(spent))
+        ledger.charge(3, 4, row_sum(radius * 2 * (high.abs() + low.abs())))
+    return lam_h
+
+
 def _patches(op: Conv, h: Tensor, kernel: tuple[int, int]) -> Tensor:
     """Input patches of every output position: (batch, groups, P, c_in/groups * kh * kw)."""
     top, left, bottom, right = op.pads
@@ -274,10 +361,26 @@ def _correlate(box: AffineBox, lam: Tensor, h: Tensor) -> Tensor:
         n_out, n_in = box.centre.shape
         flat_lam = lam.reshape(batch, rows, -1, n_out).transpose(-1, -2)
         return flat_lam @ h.reshape(batch, 1, -1, n_in)
+    return _correlate_conv(box, lam, [h])[0]
+
+
+def _correlate_conv(box: AffineBox, lam: Tensor, hs: Sequence[Tensor]) -> list[Tensor]:
+    """`_correlate` of one lam with several inputs of a Conv, as one product per group.
+
+    The rows go into the product's row dimension ((rows * c_out/groups) x P times P x k per
+    sample and group) and the inputs' patches side by side into its columns: a broadcast over
+    rows would multiply vectors instead of matrices, several times slower on CPU.
+    """
+    op = box.op
+    assert isinstance(op, Conv)
+    batch, rows = lam.shape[:2]
     c_out, _, kh, kw = box.centre.shape
-    cols = _patches(op, h, (kh, kw)).unsqueeze(1)  # (batch, 1, groups, P, k)
-    per_group = lam.reshape(batch, rows, op.groups, c_out // op.groups, -1)
-    return per_group @ cols
+    per_group = c_out // op.groups
+    cols = torch.cat([_patches(op, h, (kh, kw)) for h in hs], dim=-1)  # (batch, g, P, n k)
+    flat = lam.reshape(batch, rows, op.groups, per_group, -1).transpose(1, 2)
+    out = flat.reshape(batch, op.groups, rows * per_group, -1) @ cols
+    out = out.reshape(batch, op.groups, rows, per_group, -1).transpose(1, 2)
+    return list(out.chunk(len(hs), dim=-1))
 
 
 def _grouped(box: AffineBox, weight: Tensor) -> Tensor:
