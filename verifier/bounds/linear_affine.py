@@ -28,7 +28,7 @@ P <= Q. On the input's enclosure [l, u]:
   and ranges in [Gl, Gu] over the input's enclosure, so -Wr |G| is bounded below by the chord
   of |.| there (exact where G keeps its sign): one kernel per row, Wc - Wr s, in place of the
   per-term rule's |L| Wr, which is the triangle inequality |G| <= sum |L| |h|. On the paper's
-  CNN, 3% box, 200 MNIST samples: 0.77 certified against 0.46.
+  CNN, 3% box, 200 MNIST samples: 0.77 certified against 0.415.
 
 Bias: sum_o L+ b_lo + L- b_up = L bc - |L| br. `AffineScale` (y = ws (W h) + bs b + shift) folds
 into the coefficients: L ws for the weight (its sign flips the corners through |L ws|), L bs for
@@ -291,7 +291,7 @@ def _shared_kernel(box: AffineBox, lam: Tensor, h: Enclosure, ledger: Ledger) ->
     t_k = max(Gu (1 - s_k), -Gl (1 + s_k)). The coefficients on h are the transposed product of
     lam with one kernel per row, Wc - Wr s; the constant is -sum_k Wr_k t_k. Valid for any
     input enclosure (no sign needed); on the paper's CNN it certifies 0.77 of 200 samples at
-    a 3% box where the per-term rule certifies 0.46.
+    a 3% box where the per-term rule certifies 0.415.
 
     Proof mode: [Gl, Gu] is widened by gamma_{P+6} corr(|lam|, m_h) (P positions per entry;
     the correlations' sums, the rounded centre and radius of h, the box they span, and the
