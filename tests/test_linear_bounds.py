@@ -294,6 +294,22 @@ def test_hand_worked_chord_over_a_weight_box() -> None:
     assert bound == pytest.approx(-3.0, abs=1e-15)
 
 
+def _vertex_margin(
+    graph: Graph, lower: Mapping[str, Tensor], upper: Mapping[str, Tensor], x: Tensor
+) -> float:
+    """Margin z_0 - z_1 of one input at the box vertex against its gradient at the lower corner
+    (the minimum over the box when the margin is linear in the boxed parameters)."""
+    theta = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
+    logits = graph.forward(x, theta)
+    grads = torch.autograd.grad(logits[0, 0] - logits[0, 1], list(theta.values()))
+    vertex = {
+        name: torch.where(g > 0, lower[name], upper[name])
+        for name, g in zip(theta, grads, strict=True)
+    }
+    attained = graph.forward(x, vertex)
+    return float(attained[0, 0] - attained[0, 1])
+
+
 def test_shared_conv_kernel_on_a_point_input_is_exact() -> None:
     """Conv (boxed, with a signed AffineScale) -> Reshape -> fixed Gemm: the margin is linear in
     the kernel, so its minimum over the box is at the vertex against its gradient; the bound
@@ -321,15 +337,7 @@ def test_shared_conv_kernel_on_a_point_input_is_exact() -> None:
     x = torch.randn(1, 1, 5, 7, generator=gen, dtype=f64)
     y = torch.zeros(1, dtype=torch.long)
     bound = float(linear_margin_bounds(graph, lower, upper, x, y).lower[0, 1])
-    theta = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
-    logits = graph.forward(x, theta)
-    grads = torch.autograd.grad(logits[0, 0] - logits[0, 1], list(theta.values()))
-    vertex = {
-        name: torch.where(g > 0, lower[name], upper[name])
-        for name, g in zip(theta, grads, strict=True)
-    }
-    attained = graph.forward(x, vertex)
-    assert bound == pytest.approx(float(attained[0, 0] - attained[0, 1]), abs=1e-12)
+    assert bound == pytest.approx(_vertex_margin(graph, lower, upper, x), abs=1e-12)
     assert float(margin_bounds(graph, lower, upper, x, y).lower[0, 1]) < bound - 1e-3
 
 
@@ -364,15 +372,7 @@ def test_shared_conv_kernel_on_a_box_dependent_input_is_exact(
     y = torch.zeros(1, dtype=torch.long)
     bounds = linear_margin_bounds(graph, lower, upper, x, y, track_rounding=True)
     bound = float(bounds.lower[0, 1])
-    theta = {k: v.clone().requires_grad_(True) for k, v in lower.items()}
-    logits = graph.forward(x, theta)
-    grads = torch.autograd.grad(logits[0, 0] - logits[0, 1], list(theta.values()))
-    vertex = {
-        name: torch.where(g > 0, lower[name], upper[name])
-        for name, g in zip(theta, grads, strict=True)
-    }
-    attained = graph.forward(x, vertex)
-    exact = float(attained[0, 0] - attained[0, 1])
+    exact = _vertex_margin(graph, lower, upper, x)
     assert bound <= exact + 1e-12
     assert bound == pytest.approx(exact, abs=1e-6)
     assert bounds.rounding is not None and float(bounds.rounding[0, 1]) < 1e-9
