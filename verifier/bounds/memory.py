@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from verifier.errors import MemoryBudgetError
-from verifier.graph import Graph, Linear, evaluate
+from verifier.graph import Conv, Graph, Linear, evaluate
 
 PassMethod = Literal["ibp", "midrad", "linear", "crown-ibp", "best", "zonotope"]
 
@@ -49,10 +49,15 @@ _GRAD_FACTOR = 2.0  # autograd keeps each pass's intermediates for the backward 
 _SLOPE_COPIES = 4.0  # optimised slopes: variables, Adam moments, best copies, gradients
 _LIRPA_COPIES = 40.0  # auto_LiRPA's CROWN-IBP keeps its own bounds per node (~9 MB per input)
 _BOX_COPIES = 8.0  # the box in the pass's dtype: corners, centre, radius, |W|max, pair tables
+_KERNEL_COPIES = 12.0  # per row and Conv kernel entry: correlations of lam and |lam|, range
+# ends, slopes, intercepts, the row's kernel (`linear_affine._shared_kernel`)
+_PATCH_COPIES = 5.0  # per sample and Conv: input patches of centre, radius, magnitude, joined
 _MIN_ROOM = 1 << 20  # allocator slack and small tensors of a pass
 
 _BUDGET: ContextVar[int | None] = ContextVar("memory_budget", default=None)
-_SHAPES: weakref.WeakKeyDictionary[Graph, tuple[list[int], int]] = weakref.WeakKeyDictionary()
+_SHAPES: weakref.WeakKeyDictionary[Graph, tuple[list[int], int, tuple[int, int]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,9 @@ def bound_pass_cost(
         fixed += _BOX_COPIES * params * generators
     if method in ("linear", "best", "crown-ibp", "zonotope"):
         rows = n_classes - 1 if classes is None else min(classes, n_classes - 1)
-        per_row = _ROW_COPIES * total
+        kernels, patches = _conv_sizes(graph)
+        per_row = _ROW_COPIES * total + _KERNEL_COPIES * kernels
+        per_sample += _PATCH_COPIES * patches
         if slopes == "optimized":
             per_row += _SLOPE_COPIES * total
         if intermediate == "crown":
@@ -172,6 +179,17 @@ def plan_pass(cost: PassCost, budget: int | None, *, samples: int) -> PassPlan:
 def _tensor_sizes(graph: Graph) -> tuple[list[int], int]:
     """Entries per sample of every tensor of the graph, and the input width of its last
     Linear op (the folded layer); cached per graph."""
+    numels, n_last, _ = _sizes(graph)
+    return numels, n_last
+
+
+def _conv_sizes(graph: Graph) -> tuple[int, int]:
+    """Kernel entries of every Conv, and the entries per sample of their input patches
+    (kernel entries per output channel times output positions), summed over the Convs."""
+    return _sizes(graph)[2]
+
+
+def _sizes(graph: Graph) -> tuple[list[int], int, tuple[int, int]]:
     cached = _SHAPES.get(graph)
     if cached is not None:
         return cached
@@ -184,8 +202,15 @@ def _tensor_sizes(graph: Graph) -> tuple[list[int], int]:
         if isinstance(op, Linear):
             n_last = int(env[op.inputs[0]][0].numel())
             break
-    _SHAPES[graph] = (numels, n_last)
-    return numels, n_last
+    kernels = patches = 0
+    for op in graph.ops:
+        if isinstance(op, Conv):
+            weight = graph.parameters[op.weight]
+            positions = int(env[op.output][0].numel()) // int(weight.shape[0])
+            kernels += int(weight.numel())
+            patches += int(weight[0].numel()) * op.groups * positions
+    _SHAPES[graph] = (numels, n_last, (kernels, patches))
+    return _SHAPES[graph]
 
 
 @contextmanager
