@@ -27,25 +27,29 @@ def _task() -> tuple[SearchTask, torch.Tensor, torch.Tensor]:
     return task, x[300:], y[300:]
 
 
-def _config(rounds: int, bound: str = "ibp", **extra: object) -> SearchSection:
+def _config(
+    rounds: int, bound: str = "ibp", costs: str = "search", **extra: object
+) -> SearchSection:
     return SearchSection(
         iterations=30,
         batch_size=200,
         lr=1.0,
         size="layer_log_width",
         bound=bound,
-        reshape=ReshapeSection(rounds=rounds),
+        reshape=ReshapeSection(rounds=rounds, costs=costs),
         **extra,
     )
 
 
-@pytest.mark.parametrize("bound", ["ibp", "linear"])
-def test_reshaping_widens_the_box_and_keeps_it_feasible(bound: str) -> None:
+@pytest.mark.parametrize(
+    ("bound", "costs"), [("ibp", "search"), ("linear", "search"), ("linear", "ibp")]
+)
+def test_reshaping_widens_the_box_and_keeps_it_feasible(bound: str, costs: str) -> None:
     graph = load_model(ROOT / "onnx_models" / "digits_mlp.onnx")
     task, x_held, y_held = _task()
     names = list(graph.parameters)
     plain = search_lid(graph, [task], _config(0, bound), names=names)
-    reshaped = search_lid(graph, [task], _config(4, bound), names=names)
+    reshaped = search_lid(graph, [task], _config(4, bound, costs), names=names)
     assert plain.feasible and reshaped.feasible
     assert "reshaped (round" in reshaped.chosen, reshaped.chosen
     assert reshaped.box.size("layer_log_width") > plain.box.size("layer_log_width") + 0.1

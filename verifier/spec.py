@@ -131,6 +131,13 @@ class ReshapeSection(_Section):
     clamp: float = Field(
         2.0, gt=1.0, description="A round changes no width by more than this factor."
     )
+    costs: Literal["search", "ibp"] = Field(
+        "search",
+        description=(
+            "The bound that prices each width in a round: the search's guide, or interval "
+            "bounds (moves by interval costs; scaling and proofs keep the search's bound)."
+        ),
+    )
 
 
 class SearchSection(_Section):

@@ -15,7 +15,9 @@ entry's width and n_t the free entries of its tensor, ∂S/∂d_i is 1/(n_t w_i)
 1. C's gradient: minus the soft certified metric (`verifier.search.surrogate.soft_metric`) of
    every task's gradient samples at the current box, bounded by the search's guide (intervals,
    or per entry the tighter of intervals and linear bounds for `search.bound: linear`; a
-   `midrad` search is reshaped by exact intervals, the bound its proofs use);
+   `midrad` search is reshaped by exact intervals, the bound its proofs use), or by interval
+   bounds with `reshape.costs: ibp` (on the paper's CNN with linear bounds that shape scales
+   to a 16% wider LID than the one priced by linear bounds: 0.00664 against 0.00572);
 2. every width variable moves by the factor (q̄ / q_i)^α, clamped to [1/c, c] (q̄: the
    geometric mean of the positive q_i); a variable no sample is sensitive to (q_i = 0) keeps
    its width: nothing in the data measures how far it may go;
@@ -90,8 +92,9 @@ def reshape_box(
     free = {n: int((caps[0][n] + caps[1][n] > 0).sum()) for n in names}
     best: tuple[Box, int] | None = None
     best_size = box.size(config.size)
+    priced = config if options.costs == "search" else config.model_copy(update={"bound": "ibp"})
     for round_ in range(1, options.rounds + 1):
-        g_lo, g_hi = _sensitivity(graph, theta0, d_lo, d_hi, tasks, config)
+        g_lo, g_hi = _sensitivity(graph, theta0, d_lo, d_hi, tasks, priced)
         d_lo, d_hi = _moved(d_lo, d_hi, g_lo, g_hi, free, config)
         scale = _feasible_scale(graph, center, d_lo, d_hi, caps, tasks, config)
         d_lo, d_hi = _bounded(d_lo, d_hi, caps, scale, config.max_width)
