@@ -4,6 +4,7 @@ the same buffer sizes, and a tiny Split-MNIST benchmark run with buffer methods.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,15 +14,17 @@ import pytest
 import torch
 
 from tests.benchmark_loader import load_benchmark
-from verifier.certify import certify_samples
+from verifier.certify import certify_samples, required_rate
 from verifier.cl.baselines import AGEM
 from verifier.cl.buffers import BUFFER_SIZES, LARGE, MEDIUM, SMALL, BufferSize, buffer_order
-from verifier.cl.heads import pin_zero_width, restrict_box, restrict_graph
+from verifier.cl.heads import lift_box, pin_zero_width, restrict_box, restrict_graph
 from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig, held_out_view, train_projected
+from verifier.cl.lid_views import lid_views
 from verifier.cl.network import LinearHead, SplitMnistCNN, network_graph
 from verifier.cl.replay import (
     Constraint,
     ReplayConfig,
+    fit_to_views,
     loosen_targets,
     recompute_lid,
     run_replay_sequence,
@@ -29,6 +32,7 @@ from verifier.cl.replay import (
 )
 from verifier.cl.scenarios import Scenario, SplitTask, split_pairs
 from verifier.cl.training import TrainConfig, TrainingData
+from verifier.domains.box import Box
 from verifier.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +210,66 @@ def test_projected_replay_training_stays_inside_the_lid() -> None:
     assert lid.box.contains(params)
     assert any(not torch.equal(params[n], before[n]) for n in params)  # it trained
     assert not lid.box.contains(dict(free.named_parameters()))  # unprojected, it leaves
+
+
+def _view_rate(graph: Any, box: Box, view: SplitTask) -> float:
+    """Proved (float64 interval) rate of the box on the view's search samples."""
+    sub = restrict_graph(graph, view.rows)
+    pinned, rest = pin_zero_width(sub, restrict_box(box, graph, view.rows))
+    mask, _ = certify_samples(pinned, rest, view.x_train, view.y_train, method="ibp")
+    return float(mask.double().mean())
+
+
+def test_validation_fit_scales_an_overwide_lid_to_the_largest_scale_that_fits_the_views() -> None:
+    tasks = _feature_tasks("task", n_train=60, n_test=80)
+    model = _trained_head(tasks[:2])
+    lid = recompute_lid(
+        model,
+        _constraints(model, tasks[:2]),
+        LidConfig(search=SEARCH, boxed="all"),
+        torch.Generator().manual_seed(0),
+    )
+    graph = network_graph(model)
+    wide_box = lid.box.scaled(graph.parameters, 30.0)  # far past what the views allow
+    read = [0, 1, 2, 3]
+    wide_rows = restrict_box(wide_box, graph, read)
+    names = list(lid.searched.lower)
+    wide_searched = Box(
+        {n: wide_rows.lower[n] for n in names}, {n: wide_rows.upper[n] for n in names}
+    )
+    wide = dataclasses.replace(lid, box=wide_box, searched=wide_searched)
+    config = ReplayConfig(
+        search=SEARCH, boxed="all", search_data="test", certification_fraction=0.5, beta=0.01
+    )
+    views = lid_views(tasks, config)
+    fitted = fit_to_views(model, wide, views, config)
+    assert 0.0 < fitted.scale < 1.0 and "scaled by" in fitted.chosen
+    assert fitted.box.contains(graph.parameters)  # still centred on the weights
+    for n in wide_box.names:  # a subset of the searched box
+        assert bool((fitted.box.lower[n] >= wide_box.lower[n]).all())
+        assert bool((fitted.box.upper[n] <= wide_box.upper[n]).all())
+    for n in ("weight", "bias"):  # the rows no constraint reads stay as they were
+        name = next(m for m in wide_box.names if m.endswith(n))
+        assert torch.equal(fitted.box.lower[name][4:], wide_box.lower[name][4:])
+    point = Box(graph.parameters, graph.parameters)
+    needs = []
+    for j, view in enumerate(views[:2]):
+        a = required_rate(lid.targets[j], view.x_test.shape[0], 0.01, "clopper-pearson")
+        se = math.sqrt(a * (1 - a) * (1 / view.x_test.shape[0] + 1 / view.x_train.shape[0]))
+        needs.append(min(a + se, _view_rate(graph, point, view)))
+    rates = [_view_rate(graph, fitted.box, v) for v in views[:2]]
+    assert rates == pytest.approx(list(fitted.view_rates), abs=1e-12)
+    assert all(r >= need for r, need in zip(rates, needs, strict=True))  # it fits
+    # and it is the largest scale that does (to the bisection's step): 2 steps wider fails
+    wider = fit_to_views(model, wide, views, dataclasses.replace(config, fit_z=None))
+    assert wider is wide  # no fit asked: unchanged
+    grown = wide_searched.scaled(
+        {n: restrict_box(point, graph, read).lower[n] for n in names}, fitted.scale + 2 / 256
+    )
+    lifted = lift_box(grown, wide_box, graph, read)
+    assert any(
+        _view_rate(graph, lifted, v) < need for v, need in zip(views[:2], needs, strict=True)
+    )
 
 
 # ---- the whole protocol -----------------------------------------------------------------

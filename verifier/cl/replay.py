@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 import torch
@@ -86,7 +86,7 @@ from verifier.cl.training import (
 )
 from verifier.domains.box import Box
 from verifier.errors import InputError, SoundnessError
-from verifier.search import SearchTask, search_lid
+from verifier.search import SearchTask, inward_float32, search_lid
 
 REPEAT_TARGETS: Final[dict[Scenario, float]] = {"task": 0.85, "domain": 0.75, "class": 0.65}
 """The accuracy on the current task below which the repeat rule repeats (the paper's)."""
@@ -104,6 +104,10 @@ class ReplayConfig(LidConfig):
         loosen_by: how much the loosening rule lowers τ_j.
         replay_batch: buffer samples in every batch (None: the training batch size).
         buffer_seed: seed of the order in which samples enter the buffers (`buffer_order`).
+        fit_z: the validation fit (`fit_to_views`): every recomputed LID is scaled toward its
+            centre until its proved rate on each task's search view reaches the rate whose
+            held-out bound would just meet τ_j plus `fit_z` standard errors; None: no fit.
+            Only for search views nobody trains on (``search_data`` "validation" or "test").
     """
 
     buffer: BufferSize = SMALL
@@ -112,6 +116,7 @@ class ReplayConfig(LidConfig):
     loosen_by: float = 0.01
     replay_batch: int | None = None
     buffer_seed: int = 0
+    fit_z: float | None = 1.0
 
     @classmethod
     def of(cls, lid: LidConfig, buffer: BufferSize, **changes: Any) -> ReplayConfig:
@@ -150,6 +155,8 @@ class RecomputedLid:
         chosen: how each search chose its box.
         feasible: whether every search met its targets.
         seconds: wall time.
+        scale: the factor `fit_to_views` scaled the searched rows by (1.0: not scaled).
+        view_rates: proved rate on each task's search view after the fit (empty: no fit).
     """
 
     box: Box
@@ -161,6 +168,8 @@ class RecomputedLid:
     chosen: str
     feasible: bool
     seconds: float
+    scale: float = 1.0
+    view_rates: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -326,6 +335,100 @@ def recompute_lid(
     )
 
 
+def fit_to_views(
+    model: ContinualNetwork,
+    lid: RecomputedLid,
+    views: Sequence[SplitTask],
+    config: ReplayConfig,
+    cache: dict[int, HeadInputs] | None = None,
+) -> RecomputedLid:
+    """The validation fit: scale a recomputed LID's searched rows toward the model's weights
+    until, for every constraint j, its proved rate on task j's search view reaches
+
+        a_j + fit_z * sqrt(a_j (1 - a_j) (1 / n_certify_j + 1 / n_view_j)),
+
+    a_j the rate whose Clopper-Pearson bound on task j's n_certify_j held-out samples would
+    just meet τ_j (capped at the weights' own proved rate there, so scale 0 always fits).
+
+    Why: the search proves each τ_j on the task's *buffer*, samples of its training part that
+    the network was trained on, and the widest box on a few hundred such samples overstates
+    the rate on new samples (the held-out certificate then misses τ_j). The search views
+    (validation part, or the test split's optimisation part) are samples no training, buffer
+    or certificate uses, so checking the box there predicts the held-out rate, and the
+    held-out samples are never read: every certificate keeps its β. The proof is the
+    certificate's (float64, `certify_lid`); the rate is monotone in the scale for interval
+    proofs, and the kept scale is always one that was checked (or 0). Bisection, 8 steps.
+
+    Returns `lid` unchanged when ``config.fit_z`` is None, ``search_data`` is "train" (the
+    views would be training samples), or the searched box already fits; else the scaled LID
+    (free head rows as they were), with its scale and the rates on the views.
+    """
+    if config.fit_z is None or config.search_data == "train":
+        return lid
+    graph = network_graph(model)
+    m = len(lid.targets)
+    n_opt = config.n_optimisation
+    checks = [replace(v, x_test=v.x_train[:n_opt], y_test=v.y_train[:n_opt]) for v in views[:m]]
+    read = sorted({r for v in checks for r in v.rows})
+    names = list(lid.searched.lower)
+    centre = restrict_box(Box(graph.parameters, graph.parameters), graph, read)
+    theta = {n: centre.lower[n] for n in names}
+    method = lid_proof_method(config)
+
+    def at(scale: float) -> tuple[Box, Box]:
+        sub = inward_float32(lid.searched.scaled(theta, scale))
+        return sub, lift_box(sub, lid.box, graph, read).intersect(lid.box)
+
+    def rates(box: Box) -> list[float]:
+        out = []
+        for j, view in enumerate(checks):
+            cert = certify_lid(
+                graph,
+                box,
+                view,
+                beta=config.beta,
+                target=lid.targets[j],
+                cache=cache,
+                method=method,
+            )
+            out.append(cert.k / max(cert.n, 1))
+        return out
+
+    needs = []
+    for j, view in enumerate(checks):
+        a = min(
+            required_rate(
+                lid.targets[j], int(views[j].x_test.shape[0]), config.beta, "clopper-pearson"
+            ),
+            1.0,
+        )
+        n_cert, n_view = int(views[j].x_test.shape[0]), int(view.x_test.shape[0])
+        se = math.sqrt(a * (1.0 - a) * (1.0 / max(n_cert, 1) + 1.0 / max(n_view, 1)))
+        needs.append(a + config.fit_z * se)
+    found = rates(lid.box)
+    if all(r >= need for r, need in zip(found, needs, strict=True)):
+        return replace(lid, view_rates=tuple(found))
+    point = rates(at(0.0)[1])
+    needs = [min(need, r0) for need, r0 in zip(needs, point, strict=True)]
+    low, high, kept = 0.0, 1.0, point
+    for _ in range(8):
+        mid = 0.5 * (low + high)
+        found = rates(at(mid)[1])
+        if all(r >= need for r, need in zip(found, needs, strict=True)):
+            low, kept = mid, found
+        else:
+            high = mid
+    sub, box = at(low)
+    return replace(
+        lid,
+        box=box,
+        searched=sub,
+        scale=low,
+        view_rates=tuple(kept),
+        chosen=f"{lid.chosen}; scaled by {low:.3g} to fit the search views",
+    )
+
+
 def _accuracy(model: ContinualNetwork, view: SplitTask, n_max: int | None) -> float:
     """Accuracy of the masked prediction on the view's search samples (`x_train`)."""
     x, y = view.x_train[:n_max], view.y_train[:n_max]
@@ -444,6 +547,10 @@ def run_replay_sequence(
     rounds: list[ReplayRound] = []
     certified = torch.full((n, n), float("nan"), dtype=torch.float64)
     cache: dict[int, HeadInputs] = {}
+    fit_cache: dict[int, HeadInputs] = {}  # the search views' features (keyed as `cache`)
+
+    def fit(lid: RecomputedLid) -> RecomputedLid:
+        return fit_to_views(model, lid, views, config, fit_cache)
 
     def finish_task(t: int) -> None:
         rows.append(accuracy_row(model, tasks))
@@ -496,7 +603,7 @@ def run_replay_sequence(
         active = _active_classes(config, tasks, i)
         data = state.training_data(tasks[i], active)
         started = time.perf_counter()
-        lid = recompute_lid(model, [state.constraint(j) for j in range(i)], config, generator)
+        lid = fit(recompute_lid(model, [state.constraint(j) for j in range(i)], config, generator))
         record_stage(i - 1, lid)
         previous: float | None = None
         for r in range(config.buffer.repeats + 1):
@@ -504,8 +611,8 @@ def run_replay_sequence(
                 started = time.perf_counter()
                 for j in range(i):
                     state.grown[j] += 1
-                lid = recompute_lid(
-                    model, [state.constraint(j) for j in range(i)], config, generator
+                lid = fit(
+                    recompute_lid(model, [state.constraint(j) for j in range(i)], config, generator)
                 )
             sizes = tuple(int(state.in_use(j).numel()) for j in range(i))
             buffer = state.buffer_data(i, active)
@@ -540,7 +647,7 @@ def run_replay_sequence(
         finish_task(i)
     constraints = [state.constraint(j) for j in range(n - 1)]
     constraints.append(state.constraint(n - 1, own_view=True))
-    record_stage(n - 1, recompute_lid(model, constraints, config, generator))
+    record_stage(n - 1, fit(recompute_lid(model, constraints, config, generator)))
     return ReplayRun(
         torch.stack(rows),
         certified,
