@@ -84,6 +84,27 @@ def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
         help="also run the replay-buffer methods of these sizes, 'LID buffer SIZE' (the paper's "
         "replay protocol) and 'A-GEM buffer SIZE' (not run by default; --methods may name them)",
     )
+    parser.add_argument(
+        "--fit-z",
+        type=_fit_z,
+        default=1.0,
+        metavar="Z|none",
+        help="the replay LIDs' validation fit (verifier.cl.replay.fit_to_views): scale each "
+        "recomputed LID until its proved rate on every task's search view reaches the rate "
+        "whose held-out bound just meets τ plus Z standard errors; 'none': no fit (default 1)",
+    )
+
+
+def _fit_z(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none'; got '{text}'") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number or 'none'; got '{text}'")
+    return value
 
 
 def with_buffers(
@@ -106,7 +127,7 @@ def with_buffers(
     variants = dict(settings.lid_variants)
     for size in sizes:
         variants[f"LID buffer {size}"] = ReplayConfig.of(
-            base, BUFFER_SIZES[size], active_classes=True
+            base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", 1.0)
         )
     baselines = (*settings.baselines, *(f"A-GEM buffer {size}" for size in sizes))
     return replace(settings, lid_variants=variants, baselines=baselines)
@@ -230,6 +251,7 @@ def replay_record(run: ReplayRun, config: ReplayConfig) -> dict[str, Any]:
         "size": config.buffer.name,
         "per_task": list(config.buffer.per_task),
         "repeats": config.buffer.repeats,
+        "fit_z": config.fit_z,
         "in_use": [int(i.numel()) for i in run.buffer_indices],
         "rounds": [
             {
