@@ -87,11 +87,12 @@ def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fit-z",
         type=_fit_z,
-        default=1.0,
+        default=None,
         metavar="Z|none",
         help="the replay LIDs' validation fit (verifier.cl.replay.fit_to_views): scale each "
         "recomputed LID until its proved rate on every task's search view reaches the rate "
-        "whose held-out bound just meets τ plus Z standard errors; 'none': no fit (default 1)",
+        "whose held-out bound just meets τ plus Z standard errors (reads every earlier task's "
+        "search view: data beyond the buffer, not the paper's protocol); default none: no fit",
     )
 
 
@@ -127,7 +128,7 @@ def with_buffers(
     variants = dict(settings.lid_variants)
     for size in sizes:
         variants[f"LID buffer {size}"] = ReplayConfig.of(
-            base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", 1.0)
+            base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", None)
         )
     baselines = (*settings.baselines, *(f"A-GEM buffer {size}" for size in sizes))
     return replace(settings, lid_variants=variants, baselines=baselines)

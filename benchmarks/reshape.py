@@ -18,6 +18,11 @@ Sections (`--only`, default all), every figure from one run on this machine:
   sound bound can certify a larger scale than its figure: the room a tighter bound has left.
 * use: projected fine-tuning of the CNN on MNIST shifted by 2 pixels inside each CNN LID
   (`benchmarks/linear.py`'s use section).
+* settings (`--only settings`, runs alone): the MLP's linear / interval mean-width ratio over
+  the search schedules on offer, each job's own settings the same for both bounds: no
+  reshaping, `--rounds` and 2 x `--rounds` reshaping rounds, linear bounds from the start or
+  only from the reshaping on (`linear.warm_start` = iterations), reshaping moves priced by the
+  search's bound or by intervals (`reshape.costs: ibp`).
 
 Run:  .venv/bin/python benchmarks/reshape.py [--only width ceiling use] [--rounds 8]
 Prints Markdown; copy it into benchmarks/RESULTS.md with the machine.
@@ -46,7 +51,7 @@ from verifier.search.dual import SearchTask, hard_metrics
 from verifier.search.float32 import inward_float32
 from verifier.spec import load_spec
 
-SECTIONS = ("width", "ceiling", "use")
+SECTIONS = ("width", "ceiling", "use", "settings")
 
 JOBS = (
     ("mlp_100_100", "ibp"),
@@ -105,6 +110,56 @@ def section_width(
             lines.append(width_row(f"{name} {bound}, reshape {r}", graph, run, wall))
             print(lines[-1], file=sys.stderr, flush=True)
     return lines, lids
+
+
+SETTINGS: tuple[tuple[str, int, dict[str, Any]], ...] = (
+    ("linear at every step", 0, {}),
+    ("linear from the reshaping on", 0, {"warm_start": True}),
+    ("linear at every step", 1, {}),
+    ("linear from the reshaping on", 1, {"warm_start": True}),
+    ("linear at every step, moves priced by intervals", 1, {"costs": "ibp"}),
+    (
+        "linear from the reshaping on, moves priced by intervals",
+        1,
+        {"warm_start": True, "costs": "ibp"},
+    ),
+    ("linear at every step", 2, {}),
+    ("linear at every step, moves priced by intervals", 2, {"costs": "ibp"}),
+)
+"""The MLP's linear jobs of the settings section: label, reshaping rounds in units of
+`--rounds`, changes to `job_spec`'s linear job."""
+
+
+def section_settings(models: Path, tmp: Path, rounds: int, iterations: int) -> list[str]:
+    """The MLP's linear LID against the interval LID at the same reshaping rounds, over the
+    linear search schedules of `SETTINGS`."""
+    name = "mlp_100_100"
+    path, _ = trained(name, models)
+    lines = [
+        "| linear job | rounds | interval mean width | linear mean width | ratio | linear held-out "
+        "k/n | L | τ | verdict | wall |",
+        "|" + "---|" * 10,
+    ]
+    interval: dict[int, float] = {}
+    for label, units, change in SETTINGS:
+        r = units * rounds
+        if r not in interval:
+            run, _ = run_job(tmp, f"settings-ibp-{r}", job_spec(path, name, "ibp", r, iterations))
+            interval[r] = run.result.box.size("mean_width")
+        spec = job_spec(path, name, "linear", r, iterations)
+        if change.get("warm_start"):
+            spec["search"]["linear"]["warm_start"] = iterations
+        if "costs" in change:
+            spec["search"]["reshape"]["costs"] = change["costs"]
+        run, wall = run_job(tmp, f"settings-linear-{r}-{len(lines)}", spec)
+        width, cert = run.result.box.size("mean_width"), run.certificates[0]
+        lines.append(
+            f"| {label} | {r} | {interval[r]:.4g} | {width:.4g} | {width / interval[r]:.2f}x | "
+            f"{cert.k}/{cert.n} | {cert.lower_bound:.4f} | {cert.target:.4f} | "
+            f"{'holds' if cert.holds else 'NOT MET'} | {wall:.0f} s |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
 
 
 def _search_task(spec_path: Path, graph: Graph) -> SearchTask:
@@ -226,6 +281,11 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
+        if args.only == ["settings"]:
+            print("\n## The MLP's width ratio over the linear search schedules\n")
+            lines = section_settings(args.models, tmp, args.rounds, args.iterations)
+            print("\n".join(lines), flush=True)
+            return
         print(f"\n## LID width with and without reshaping ({args.rounds} rounds)\n")
         lines, lids = section_width(args.models, tmp, args.rounds, args.iterations, args.nets)
         print("\n".join(lines), flush=True)

@@ -239,7 +239,12 @@ def test_validation_fit_scales_an_overwide_lid_to_the_largest_scale_that_fits_th
     )
     wide = dataclasses.replace(lid, box=wide_box, searched=wide_searched)
     config = ReplayConfig(
-        search=SEARCH, boxed="all", search_data="test", certification_fraction=0.5, beta=0.01
+        search=SEARCH,
+        boxed="all",
+        search_data="test",
+        certification_fraction=0.5,
+        beta=0.01,
+        fit_z=1.0,
     )
     views = lid_views(tasks, config)
     fitted = fit_to_views(model, wide, views, config)

@@ -106,8 +106,10 @@ class ReplayConfig(LidConfig):
         buffer_seed: seed of the order in which samples enter the buffers (`buffer_order`).
         fit_z: the validation fit (`fit_to_views`): every recomputed LID is scaled toward its
             centre until its proved rate on each task's search view reaches the rate whose
-            held-out bound would just meet τ_j plus `fit_z` standard errors; None: no fit.
-            Only for search views nobody trains on (``search_data`` "validation" or "test").
+            held-out bound would just meet τ_j plus `fit_z` standard errors; None (default,
+            the paper's protocol): no fit. Only for search views nobody trains on
+            (``search_data`` "validation" or "test"). Not the paper's protocol: the fit keeps
+            reading every earlier task's search view, data stored beyond the buffer.
     """
 
     buffer: BufferSize = SMALL
@@ -116,7 +118,7 @@ class ReplayConfig(LidConfig):
     loosen_by: float = 0.01
     replay_batch: int | None = None
     buffer_seed: int = 0
-    fit_z: float | None = 1.0
+    fit_z: float | None = None
 
     @classmethod
     def of(cls, lid: LidConfig, buffer: BufferSize, **changes: Any) -> ReplayConfig:
@@ -355,7 +357,9 @@ def fit_to_views(
     the rate on new samples (the held-out certificate then misses τ_j). The search views
     (validation part, or the test split's optimisation part) are samples no training, buffer
     or certificate uses, so checking the box there predicts the held-out rate, and the
-    held-out samples are never read: every certificate keeps its β. The proof is the
+    held-out samples are never read: every certificate keeps its β. The price: each earlier
+    task's search view is kept and read at every later stage, data beyond the buffer's budget,
+    and the narrower boxes leave later tasks less room (off by default). The proof is the
     certificate's (float64, `certify_lid`); the rate is monotone in the scale for interval
     proofs, and the kept scale is always one that was checked (or 0). Bisection, 8 steps.
 
