@@ -89,7 +89,7 @@ def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
         type=_fit_z,
         default=None,
         metavar="Z|none",
-        help="the replay LIDs' validation fit (verifier.cl.replay.fit_to_views): scale each "
+        help="the replay LIDs' validation fit (verifier.cl.replay_fit.fit_to_views): scale each "
         "recomputed LID until its proved rate on every task's search view reaches the rate "
         "whose held-out bound just meets τ plus Z standard errors (reads every earlier task's "
         "search view: data beyond the buffer, not the paper's protocol); default none: no fit",
