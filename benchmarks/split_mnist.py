@@ -70,6 +70,7 @@ from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.lid_views import SearchData
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
+from verifier.cl.replay import ReplayConfig
 from verifier.cl.scenarios import (
     SCENARIOS,
     Scenario,
@@ -170,6 +171,10 @@ ALL_LAYER = ("LID all-layer IBP", "LID all-layer linear")
 """The all-layer variants (`--all-layer`, or named in `--methods`): every parameter boxed, the
 search maximising `layer_log_width` (so the convolutions open), by interval bounds or by linear
 bounds every 4th step on the 2 lowest classes per sample (certified by "best")."""
+ALL_LAYER_BUFFER = "LID all-layer buffer "
+"""Prefix of the replay-buffer runs with every parameter boxed ("LID all-layer buffer SIZE",
+named in `--methods`): the paper's buffer protocol with the "LID all-layer IBP" search (the
+paper boxes every layer; "LID buffer SIZE" boxes the head)."""
 LINEAR_SCHEDULE = LinearBoundSection(every=4, classes=2)
 """The linear-bound schedule of "LID all-layer linear" (RESULTS.md, linear.py (issue 19):
 the paper's CNN search step at 7.7x a training step instead of 63x for every class)."""
@@ -233,10 +238,21 @@ def with_all_layer(
     """The settings plus `ALL_LAYER` when `--all-layer` is given, `--methods` names one of
     them or the raw `results` hold one; they follow the "LID" variant's settings."""
     named = {*(getattr(args, "methods", None) or []), *(r["method"] for r in results)}
-    if not (getattr(args, "all_layer", False) or named & set(ALL_LAYER)):
+    buffered = [
+        size for size in BUFFER_SIZES if f"{ALL_LAYER_BUFFER}{size}" in named
+    ]  # "LID all-layer buffer SIZE": the replay protocol with the all-layer IBP box
+    if not (getattr(args, "all_layer", False) or named & set(ALL_LAYER) or buffered):
         return settings
     base = settings.lid_variants.get("LID", LidConfig())
-    return replace(settings, lid_variants={**settings.lid_variants, **all_layer_variants(base)})
+    variants = all_layer_variants(base)
+    for size in buffered:
+        variants[f"{ALL_LAYER_BUFFER}{size}"] = ReplayConfig.of(
+            variants["LID all-layer IBP"],
+            BUFFER_SIZES[size],
+            active_classes=True,
+            fit_z=getattr(args, "fit_z", None),
+        )
+    return replace(settings, lid_variants={**settings.lid_variants, **variants})
 
 
 def _lid_of(settings: Settings) -> LidConfig:
@@ -631,7 +647,8 @@ def run_on_ray(
 
 
 def _paper(method: str, scenario: str) -> str:
-    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else method)
+    paper_name = method.replace("all-layer buffer", "buffer")
+    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else paper_name)
     if buffer is not None:
         acc, cert = buffer[scenario]
         return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")
@@ -683,7 +700,8 @@ def markdown(
 
     def paper(method: str, scenario: str, measured: bool) -> str:
         """A measured LID variant stands beside the paper's LID row."""
-        measured = measured and method not in PAPER_BUFFERS  # buffer rows have their own
+        buffered = method.replace("all-layer buffer", "buffer") in PAPER_BUFFERS
+        measured = measured and not buffered  # buffer rows have their own
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
     seeds = sorted({r["seed"] for r in results})
