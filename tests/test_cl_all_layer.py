@@ -137,6 +137,33 @@ def test_all_layer_variants_resolve_by_name_and_leave_the_default_run_alone(
     assert kept.baselines == ()
 
 
+def test_all_layer_buffer_methods_are_the_replay_protocol_with_the_all_layer_ibp_box(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bench = _bench(monkeypatch)
+    args = bench.build_parser().parse_args(
+        ["--tiny", "--methods", "LID buffer SMALL", "LID all-layer buffer LARGE"]
+    )
+    settings = bench.cl_report.keep_methods(
+        bench.cl_report.with_buffers(bench.with_all_layer(bench.settings_for(args), args), args),
+        args.methods,
+    )
+    assert list(settings.lid_variants) == ["LID all-layer buffer LARGE", "LID buffer SMALL"]
+    head = settings.lid_variants["LID buffer SMALL"]
+    every = settings.lid_variants["LID all-layer buffer LARGE"]
+    ibp = bench.all_layer_variants(bench.settings_for(args).lid_variants["LID"])[
+        "LID all-layer IBP"
+    ]
+    assert isinstance(every, bench.ReplayConfig) and isinstance(head, bench.ReplayConfig)
+    assert (head.boxed, every.boxed) == ("head", "all")
+    assert every.search == ibp.search and every.search.size == "layer_log_width"
+    assert every.buffer.name == "LARGE" and head.buffer.name == "SMALL"
+    assert every.active_classes and every.lookahead == 0.0 and every.fit_z is None
+    # the paper's buffer figures stand beside both
+    assert bench._paper("LID all-layer buffer LARGE", "class") == "0.71 (0.62)"
+    assert bench._paper("LID buffer SMALL", "class") == "0.48 (0.42)"
+
+
 @pytest.mark.timeout(120)
 def test_tiny_job_of_the_linear_all_layer_variant(monkeypatch: pytest.MonkeyPatch) -> None:
     """One `--tiny` Task-IL job of "LID all-layer linear" through the benchmark's job
