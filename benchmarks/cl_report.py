@@ -108,6 +108,14 @@ def _fit_z(text: str) -> float | None:
     return value
 
 
+def replay_variant(base: LidConfig, size: str, args: argparse.Namespace) -> ReplayConfig:
+    """The buffer protocol at `size` with `base`'s LID settings, the Class-IL active-class loss
+    and `--fit-z` (when the parser has it)."""
+    return ReplayConfig.of(
+        base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", None)
+    )
+
+
 def with_buffers(
     settings: SettingsT, args: argparse.Namespace, results: Sequence[dict[str, Any]] = ()
 ) -> SettingsT:
@@ -127,9 +135,7 @@ def with_buffers(
     base = next(iter(settings.lid_variants.values()), LidConfig())
     variants = dict(settings.lid_variants)
     for size in sizes:
-        variants[f"LID buffer {size}"] = ReplayConfig.of(
-            base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", None)
-        )
+        variants[f"LID buffer {size}"] = replay_variant(base, size, args)
     baselines = (*settings.baselines, *(f"A-GEM buffer {size}" for size in sizes))
     return replace(settings, lid_variants=variants, baselines=baselines)
 

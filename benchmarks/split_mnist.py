@@ -70,7 +70,6 @@ from verifier.cl.lid_learner import PAPER_SEARCH, LidConfig
 from verifier.cl.lid_views import SearchData
 from verifier.cl.metrics import average_accuracy
 from verifier.cl.network import SplitMnistCNN
-from verifier.cl.replay import ReplayConfig
 from verifier.cl.scenarios import (
     SCENARIOS,
     Scenario,
@@ -246,11 +245,8 @@ def with_all_layer(
     base = settings.lid_variants.get("LID", LidConfig())
     variants = all_layer_variants(base)
     for size in buffered:
-        variants[f"{ALL_LAYER_BUFFER}{size}"] = ReplayConfig.of(
-            variants["LID all-layer IBP"],
-            BUFFER_SIZES[size],
-            active_classes=True,
-            fit_z=getattr(args, "fit_z", None),
+        variants[f"{ALL_LAYER_BUFFER}{size}"] = cl_report.replay_variant(
+            variants["LID all-layer IBP"], size, args
         )
     return replace(settings, lid_variants={**settings.lid_variants, **variants})
 
@@ -646,9 +642,16 @@ def run_on_ray(
     return results, first_cpu, int(info.cpus)
 
 
+def _buffer_name(method: str) -> str:
+    """The `PAPER_BUFFERS` key of a LID buffer method (the all-layer runs stand beside the
+    paper's buffer rows too)."""
+    return method.replace("all-layer buffer", "buffer")
+
+
 def _paper(method: str, scenario: str) -> str:
-    paper_name = method.replace("all-layer buffer", "buffer")
-    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else paper_name)
+    buffer = PAPER_BUFFERS.get(
+        "A-GEM buffer" if method.startswith("A-GEM buffer") else _buffer_name(method)
+    )
     if buffer is not None:
         acc, cert = buffer[scenario]
         return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")
@@ -700,8 +703,7 @@ def markdown(
 
     def paper(method: str, scenario: str, measured: bool) -> str:
         """A measured LID variant stands beside the paper's LID row."""
-        buffered = method.replace("all-layer buffer", "buffer") in PAPER_BUFFERS
-        measured = measured and not buffered  # buffer rows have their own
+        measured = measured and _buffer_name(method) not in PAPER_BUFFERS  # they have their own
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
     seeds = sorted({r["seed"] for r in results})

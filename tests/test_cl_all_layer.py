@@ -22,6 +22,7 @@ from verifier.cl.lid_learner import (
     train_projected,
 )
 from verifier.cl.network import SplitMnistCNN, network_graph
+from verifier.cl.replay import ReplayConfig
 from verifier.cl.scenarios import SplitTask, split_mnist
 from verifier.cl.training import TrainConfig
 from verifier.data import load_dataset
@@ -154,7 +155,7 @@ def test_all_layer_buffer_methods_are_the_replay_protocol_with_the_all_layer_ibp
     ibp = bench.all_layer_variants(bench.settings_for(args).lid_variants["LID"])[
         "LID all-layer IBP"
     ]
-    assert isinstance(every, bench.ReplayConfig) and isinstance(head, bench.ReplayConfig)
+    assert isinstance(every, ReplayConfig) and isinstance(head, ReplayConfig)
     assert (head.boxed, every.boxed) == ("head", "all")
     assert every.search == ibp.search and every.search.size == "layer_log_width"
     assert every.buffer.name == "LARGE" and head.buffer.name == "SMALL"
