@@ -94,6 +94,14 @@ def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
         "whose held-out bound just meets τ plus Z standard errors (reads every earlier task's "
         "search view: data beyond the buffer, not the paper's protocol); default none: no fit",
     )
+    parser.add_argument(
+        "--buffer-lookahead",
+        type=float,
+        default=LOOKAHEAD_Q,
+        metavar="Q",
+        help=f"q of the '{LOOKAHEAD_BUFFER}SIZE' methods: each recomputed LID freezes the q of "
+        f"its entries least important (Fisher) for the task trained in it (default {LOOKAHEAD_Q})",
+    )
 
 
 def _fit_z(text: str) -> float | None:
@@ -108,11 +116,21 @@ def _fit_z(text: str) -> float | None:
     return value
 
 
+LOOKAHEAD_BUFFER = "LID+look-ahead buffer "
+"""Prefix of the buffer methods whose recomputed LIDs freeze by look-ahead (then SIZE)."""
+LOOKAHEAD_Q = 0.825
+"""Their default q: the paper's best look-ahead fraction (DESIGN.md section 5, "Biases")."""
+
+
 def replay_variant(base: LidConfig, size: str, args: argparse.Namespace) -> ReplayConfig:
-    """The buffer protocol at `size` with `base`'s LID settings, the Class-IL active-class loss
-    and `--fit-z` (when the parser has it)."""
+    """The buffer protocol at `size` with `base`'s LID settings (look-ahead off), the Class-IL
+    active-class loss and `--fit-z` (when the parser has it)."""
     return ReplayConfig.of(
-        base, BUFFER_SIZES[size], active_classes=True, fit_z=getattr(args, "fit_z", None)
+        base,
+        BUFFER_SIZES[size],
+        lookahead=0.0,
+        active_classes=True,
+        fit_z=getattr(args, "fit_z", None),
     )
 
 
@@ -123,12 +141,17 @@ def with_buffers(
     names or the raw `results` hold: "LID buffer SIZE" (`verifier.cl.replay`, with the first
     LID variant's search, boxes, τ and search data, and the Class-IL active-class loss) and
     "A-GEM buffer SIZE" (A-GEM storing the same samples per task; the script's strategy
-    factory builds it as `AGEM(BUFFER_SIZES[SIZE])`)."""
+    factory builds it as `AGEM(BUFFER_SIZES[SIZE])`); and "LID+look-ahead buffer SIZE" (the
+    first, with look-ahead q = `--buffer-lookahead`) for the sizes `--methods` or `results`
+    name."""
     named = set(getattr(args, "buffers", None) or [])
+    ahead = []
     for method in [*(getattr(args, "methods", None) or []), *(r["method"] for r in results)]:
         size = method.rsplit(" ", 1)[-1]
         if " buffer " in method and size in BUFFER_SIZES:
             named.add(size)
+        if method == f"{LOOKAHEAD_BUFFER}{size}":
+            ahead.append(size)
     sizes = [size for size in BUFFER_SIZES if size in named]
     if not sizes:
         return settings
@@ -136,6 +159,11 @@ def with_buffers(
     variants = dict(settings.lid_variants)
     for size in sizes:
         variants[f"LID buffer {size}"] = replay_variant(base, size, args)
+        if size in ahead:
+            q = float(getattr(args, "buffer_lookahead", LOOKAHEAD_Q))
+            variants[f"{LOOKAHEAD_BUFFER}{size}"] = replace(
+                variants[f"LID buffer {size}"], lookahead=q
+            )
     baselines = (*settings.baselines, *(f"A-GEM buffer {size}" for size in sizes))
     return replace(settings, lid_variants=variants, baselines=baselines)
 

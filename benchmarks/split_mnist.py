@@ -643,9 +643,11 @@ def run_on_ray(
 
 
 def _buffer_name(method: str) -> str:
-    """The `PAPER_BUFFERS` key of a LID buffer method (the all-layer runs stand beside the
-    paper's buffer rows too)."""
-    return method.replace("all-layer buffer", "buffer")
+    """The `PAPER_BUFFERS` key of a LID buffer method (the all-layer and look-ahead buffer runs
+    stand beside the paper's buffer rows too)."""
+    return method.replace("all-layer buffer", "buffer").replace(
+        "LID+look-ahead buffer", "LID buffer"
+    )
 
 
 def _paper(method: str, scenario: str) -> str:

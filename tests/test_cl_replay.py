@@ -372,23 +372,55 @@ def test_loosen_targets_picks_the_smallest_margin() -> None:
         loosen_targets([0.5], [], 0.01)
 
 
-def test_look_ahead_is_refused() -> None:
-    tasks = _feature_tasks("domain")
-    with pytest.raises(InputError, match="look-ahead"):
-        run_replay_sequence(
-            LinearHead(8, torch.Generator().manual_seed(0)),
-            tasks,
-            TrainConfig(epochs=1),
-            _config(lookahead=0.5),
-            torch.Generator().manual_seed(1),
-            scenario="domain",
+def test_look_ahead_freezes_the_entries_least_important_for_the_task_trained_next() -> None:
+    """With q > 0 the recomputed LID pins the q least important entries (Fisher on the next
+    task's training split) at the centre, the rest stay searched, and every constraint is
+    still proved; the replay run records the frozen count and meets its held-out bounds."""
+    tasks = _feature_tasks("class")
+    model = _trained_head(tasks[:2])
+    constraints = _constraints(model, tasks[:2])
+    graph = network_graph(model)
+    for q in (0.0, 0.5):
+        config = LidConfig(search=SEARCH, boxed="all", lookahead=q)
+        lid = recompute_lid(
+            model, constraints, config, torch.Generator().manual_seed(0), next_task=tasks[2]
         )
+        assert lid.feasible
+        widths = torch.cat(
+            [(lid.searched.upper[n] - lid.searched.lower[n]).flatten() for n in lid.searched.lower]
+        )
+        assert lid.n_frozen == int(q * widths.numel())  # no ties in a real Fisher
+        assert int((widths == 0).sum()) >= lid.n_frozen
+        assert int((widths > 0).sum()) > 0
+        for c, aim in zip(constraints, lid.search_targets, strict=True):
+            sub = restrict_graph(graph, c.task.rows)
+            pinned, rest = pin_zero_width(sub, restrict_box(lid.box, graph, c.task.rows))
+            mask, _ = certify_samples(pinned, rest, c.x, c.y, method="ibp")
+            assert float(mask.double().mean()) >= aim >= c.target - 1e-12
+    # without a next task nothing is frozen
+    plain = recompute_lid(
+        model, constraints, LidConfig(search=SEARCH, lookahead=0.5), torch.Generator()
+    )
+    assert plain.n_frozen == 0
+    run = run_replay_sequence(
+        LinearHead(8, torch.Generator().manual_seed(0)),
+        tasks,
+        TrainConfig(epochs=1),
+        _config(lookahead=0.5),
+        torch.Generator().manual_seed(1),
+        scenario="class",
+    )
+    assert [s.n_frozen > 0 for s in run.stages] == [True, True, False]  # the last: no next
+    for stage in run.stages:  # every stage certified on its tasks' held-out samples
+        for j, cert in stage.certificates.items():
+            assert cert.n == run.held_out[j][1].numel() and 0.0 <= cert.lower_bound <= 1.0
 
 
 def test_replay_config_of_keeps_the_lid_settings() -> None:
     lid = LidConfig(search=SEARCH, boxed="all", lookahead=0.5, search_data="test", tolerance=0.1)
     config = ReplayConfig.of(lid, LARGE, active_classes=True)
-    assert config.buffer is LARGE and config.lookahead == 0.0 and config.active_classes
+    assert config.buffer is LARGE and config.lookahead == 0.5 and config.active_classes
+    assert ReplayConfig.of(lid, LARGE, lookahead=0.0).lookahead == 0.0
     assert (config.boxed, config.search_data, config.tolerance) == ("all", "test", 0.1)
     assert config.search is SEARCH and isinstance(config, LidConfig)
 

@@ -334,18 +334,18 @@ def graph_fisher(
     return {n: t / max(x.shape[0], 1) for n, t in total.items()}
 
 
-def _next_task_frozen(
+def next_task_frozen(
     graph: Graph,
     names: Sequence[str],
-    task: SplitTask,
+    rows: Sequence[int],
     next_task: SplitTask,
     config: LidConfig,
     head_only: bool,
 ) -> dict[str, Tensor]:
     """Masks of the q least important boxed entries for the next task (Fisher at θ_t).
 
-    Importance is computed on the next task's masked head and mapped to the rows of the
-    current task's box; rows the next task never reads have importance 0.
+    Importance is computed on the next task's masked head and mapped to the head `rows` the
+    box being searched covers; rows the next task never reads have importance 0.
     """
     x = next_task.x_train[: config.n_lookahead]
     y = next_task.y_train[: config.n_lookahead]
@@ -359,7 +359,7 @@ def _next_task_frozen(
         if name in heads:
             value = torch.zeros_like(graph.parameters[name])
             value[list(next_task.rows)] = scores[name].to(value)
-            full[name] = value[list(task.rows)]
+            full[name] = value[list(rows)]
         else:
             full[name] = scores[name]
     return frozen_by_importance(full, config.lookahead)
@@ -487,7 +487,7 @@ def build_lid(
         )
     frozen = None
     if config.lookahead > 0 and next_task is not None:
-        frozen = _next_task_frozen(graph, names, task, next_task, config, head_only)
+        frozen = next_task_frozen(graph, names, task.rows, next_task, config, head_only)
     result: SearchResult = search_lid(
         search_graph,
         [search_task],

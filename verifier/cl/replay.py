@@ -71,6 +71,7 @@ from verifier.cl.lid_learner import (
     base_box,
     certify_lid,
     lid_proof_method,
+    next_task_frozen,
     train_projected,
 )
 from verifier.cl.lid_views import lid_views
@@ -96,7 +97,9 @@ REPEAT_TARGETS: Final[dict[Scenario, float]] = {"task": 0.85, "domain": 0.75, "c
 @dataclass(frozen=True)
 class ReplayConfig(LidConfig):
     """A LID learner's settings plus the buffer protocol (`LidConfig` for the search, Δ, β,
-    ``boxed``, ``active_classes`` and ``search_data``; look-ahead is not supported).
+    ``boxed``, ``active_classes``, ``search_data`` and look-ahead: with ``lookahead`` q > 0
+    every LID recomputed before or while task i trains freezes the q of its entries least
+    important for task i, as `build_lid` does for the next task; the final LID freezes none).
 
     Attributes:
         buffer: the buffer size (`verifier.cl.buffers`: SMALL, MEDIUM, LARGE).
@@ -123,10 +126,10 @@ class ReplayConfig(LidConfig):
 
     @classmethod
     def of(cls, lid: LidConfig, buffer: BufferSize, **changes: Any) -> ReplayConfig:
-        """The replay settings with `lid`'s LID settings (look-ahead off), `buffer` and any
-        of this class's own fields in `changes`."""
+        """The replay settings with `lid`'s LID settings (its look-ahead included), `buffer`
+        and any of this class's own fields in `changes`."""
         shared = {f.name: getattr(lid, f.name) for f in fields(LidConfig)}
-        return cls(**{**shared, "lookahead": 0.0, "buffer": buffer, **changes})
+        return cls(**{**shared, "buffer": buffer, **changes})
 
 
 @dataclass(frozen=True, eq=False)
@@ -160,6 +163,7 @@ class RecomputedLid:
         seconds: wall time.
         scale: the factor `fit_to_views` scaled the searched rows by (1.0: not scaled).
         view_rates: proved rate on each task's search view after the fit (empty: no fit).
+        n_frozen: searched entries look-ahead froze at the centre (0: no look-ahead).
     """
 
     box: Box
@@ -173,6 +177,7 @@ class RecomputedLid:
     seconds: float
     scale: float = 1.0
     view_rates: tuple[float, ...] = ()
+    n_frozen: int = 0
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,8 @@ def recompute_lid(
     constraints: Sequence[Constraint],
     config: LidConfig,
     generator: torch.Generator,
+    *,
+    next_task: SplitTask | None = None,
 ) -> RecomputedLid:
     """Search a LID from scratch (no outer box) around the model's weights that meets every
     constraint's τ on its search samples, proved in float64.
@@ -252,8 +259,11 @@ def recompute_lid(
     Args:
         model: the network; its weights are the centre.
         constraints: one per task, in task order; never held-out samples.
-        config: search settings, ``boxed`` and ``free_radius``.
+        config: search settings, ``boxed``, ``free_radius`` and ``lookahead``.
         generator: randomness of the gradient/validation splits and the search batches.
+        next_task: the task to be trained inside the LID; with ``config.lookahead`` q > 0 the
+            q of each search's entries least important for it (diagonal Fisher on its
+            training split at the centre) are frozen (width 0). None: nothing frozen.
 
     Returns:
         The LID and, per constraint, τ, the search target, the proved rate and the centre's
@@ -274,7 +284,7 @@ def recompute_lid(
         groups.setdefault(tuple(c.task.rows), []).append(k)
     n = len(constraints)
     aims, rates, cleans = [math.nan] * n, [math.nan] * n, [math.nan] * n
-    chosen, feasible = [], True
+    chosen, feasible, n_frozen = [], True, 0
     for g, (rows, members) in enumerate(groups.items()):
         sub = restrict_graph(graph, rows)
         search_graph = head_graph(sub) if head_only else sub
@@ -309,8 +319,18 @@ def recompute_lid(
             outer = Box(
                 {m: restricted.lower[m] for m in names}, {m: restricted.upper[m] for m in names}
             )
+        frozen = None
+        if config.lookahead > 0 and next_task is not None:
+            frozen = next_task_frozen(graph, names, rows, next_task, config, head_only)
+            n_frozen += int(sum(int(m.sum()) for m in frozen.values()))
         result = search_lid(
-            search_graph, tasks, config.search, names=names, outer=outer, generator=generator
+            search_graph,
+            tasks,
+            config.search,
+            names=names,
+            outer=outer,
+            frozen=frozen,
+            generator=generator,
         )
         lifted = lift_box(result.box, box, graph, rows)
         # search_lid rounds outer caps to float32 to the nearest (an ulp over at most); the
@@ -335,6 +355,7 @@ def recompute_lid(
         chosen="; ".join(chosen),
         feasible=feasible,
         seconds=time.perf_counter() - started,
+        n_frozen=n_frozen,
     )
 
 
@@ -342,15 +363,11 @@ def _accuracy(model: ContinualNetwork, view: SplitTask, n_max: int | None) -> fl
     """Accuracy of the masked prediction on the view's search samples (`x_train`)."""
     x, y = view.x_train[:n_max], view.y_train[:n_max]
     model.eval()
+    hits = 0
     with torch.no_grad():
-        hits = sum(
-            int(
-                (
-                    masked_logits(model(x[i : i + 2000]), view.rows).argmax(1) == y[i : i + 2000]
-                ).sum()
-            )
-            for i in range(0, x.shape[0], 2000)
-        )
+        for i in range(0, x.shape[0], 2000):
+            logits = masked_logits(model(x[i : i + 2000]), view.rows)
+            hits += int((logits.argmax(1) == y[i : i + 2000]).sum())
     return hits / max(x.shape[0], 1)
 
 
@@ -441,11 +458,9 @@ def run_replay_sequence(
         one stage per task, the rounds, the buffers in use and the held-out samples.
 
     Raises:
-        InputError: look-ahead asked for, or a previous task with no buffer allocation.
+        InputError: a previous task with no buffer allocation.
         SoundnessError: projected training left the LID (a bug).
     """
-    if config.lookahead > 0:
-        raise InputError("the replay learner does not support look-ahead; set lookahead to 0")
     target = REPEAT_TARGETS[scenario] if config.repeat_target is None else config.repeat_target
     replay_batch = train_config.batch_size if config.replay_batch is None else config.replay_batch
     n = len(tasks)
@@ -479,7 +494,7 @@ def run_replay_sequence(
             feasible=lid.feasible,
             optimisation_metric=min(lid.rates),
             mean_width=lid.searched.size("mean_width"),
-            n_frozen=0,
+            n_frozen=lid.n_frozen,
             n_boxed=lid.searched.n_parameters(),
             seconds=lid.seconds,
         )
@@ -512,7 +527,15 @@ def run_replay_sequence(
         active = _active_classes(config, tasks, i)
         data = state.training_data(tasks[i], active)
         started = time.perf_counter()
-        lid = fit(recompute_lid(model, [state.constraint(j) for j in range(i)], config, generator))
+        lid = fit(
+            recompute_lid(
+                model,
+                [state.constraint(j) for j in range(i)],
+                config,
+                generator,
+                next_task=tasks[i],
+            )
+        )
         record_stage(i - 1, lid)
         previous: float | None = None
         for r in range(config.buffer.repeats + 1):
@@ -521,7 +544,13 @@ def run_replay_sequence(
                 for j in range(i):
                     state.grown[j] += 1
                 lid = fit(
-                    recompute_lid(model, [state.constraint(j) for j in range(i)], config, generator)
+                    recompute_lid(
+                        model,
+                        [state.constraint(j) for j in range(i)],
+                        config,
+                        generator,
+                        next_task=tasks[i],
+                    )
                 )
             sizes = tuple(int(state.in_use(j).numel()) for j in range(i))
             buffer = state.buffer_data(i, active)
