@@ -118,8 +118,22 @@ def _fit_z(text: str) -> float | None:
 
 LOOKAHEAD_BUFFER = "LID+look-ahead buffer "
 """Prefix of the buffer methods whose recomputed LIDs freeze by look-ahead (then SIZE)."""
+ALL_LAYER_BUFFER = "LID all-layer buffer "
+"""Prefix of the buffer methods with every parameter boxed (then SIZE; split_mnist.py)."""
 LOOKAHEAD_Q = 0.825
 """Their default q: the paper's best look-ahead fraction (DESIGN.md section 5, "Biases")."""
+
+
+def paper_buffer_row(method: str) -> str:
+    """The paper's buffer row a method stands beside: "LID buffer SIZE" for every LID buffer
+    method (plain, look-ahead, all-layer), "A-GEM buffer" for A-GEM at any size (the paper
+    gives one A-GEM figure per scenario); other methods unchanged."""
+    if method.startswith("A-GEM buffer"):
+        return "A-GEM buffer"
+    for prefix in (LOOKAHEAD_BUFFER, ALL_LAYER_BUFFER):
+        if method.startswith(prefix):
+            return "LID buffer " + method.removeprefix(prefix)
+    return method
 
 
 def replay_variant(base: LidConfig, size: str, args: argparse.Namespace) -> ReplayConfig:

@@ -866,7 +866,8 @@ def _against_paper(
             for m in settings.lid_variants
             if (s, m) in summaries
             and "certified_final" in summaries[(s, m)]
-            and m not in PAPER_BUFFERS  # the buffer rows stand beside the paper's buffer cells
+            # the buffer rows stand beside the paper's buffer cells
+            and cl_report.paper_buffer_row(m) not in PAPER_BUFFERS
         ]
         if not found:
             continue
@@ -907,7 +908,7 @@ def _reading(settings: Settings) -> list[str]:
 
 
 def _paper(method: str, scenario: str, lid_variants: Sequence[str]) -> str:
-    buffer = PAPER_BUFFERS.get("A-GEM buffer" if method.startswith("A-GEM buffer") else method)
+    buffer = PAPER_BUFFERS.get(cl_report.paper_buffer_row(method))
     if buffer is not None:
         acc, cert = buffer[scenario]
         return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")

@@ -170,7 +170,7 @@ ALL_LAYER = ("LID all-layer IBP", "LID all-layer linear")
 """The all-layer variants (`--all-layer`, or named in `--methods`): every parameter boxed, the
 search maximising `layer_log_width` (so the convolutions open), by interval bounds or by linear
 bounds every 4th step on the 2 lowest classes per sample (certified by "best")."""
-ALL_LAYER_BUFFER = "LID all-layer buffer "
+ALL_LAYER_BUFFER = cl_report.ALL_LAYER_BUFFER
 """Prefix of the replay-buffer runs with every parameter boxed ("LID all-layer buffer SIZE",
 named in `--methods`): the paper's buffer protocol with the "LID all-layer IBP" search (the
 paper boxes every layer; "LID buffer SIZE" boxes the head)."""
@@ -642,18 +642,8 @@ def run_on_ray(
     return results, first_cpu, int(info.cpus)
 
 
-def _buffer_name(method: str) -> str:
-    """The `PAPER_BUFFERS` key of a LID buffer method (the all-layer and look-ahead buffer runs
-    stand beside the paper's buffer rows too)."""
-    return method.replace("all-layer buffer", "buffer").replace(
-        "LID+look-ahead buffer", "LID buffer"
-    )
-
-
 def _paper(method: str, scenario: str) -> str:
-    buffer = PAPER_BUFFERS.get(
-        "A-GEM buffer" if method.startswith("A-GEM buffer") else _buffer_name(method)
-    )
+    buffer = PAPER_BUFFERS.get(cl_report.paper_buffer_row(method))
     if buffer is not None:
         acc, cert = buffer[scenario]
         return f"{acc:.2f}" + ("" if cert is None else f" ({cert:.2f})")
@@ -705,7 +695,9 @@ def markdown(
 
     def paper(method: str, scenario: str, measured: bool) -> str:
         """A measured LID variant stands beside the paper's LID row."""
-        measured = measured and _buffer_name(method) not in PAPER_BUFFERS  # they have their own
+        measured = (
+            measured and cl_report.paper_buffer_row(method) not in PAPER_BUFFERS
+        )  # they have their own
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
     seeds = sorted({r["seed"] for r in results})

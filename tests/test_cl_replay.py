@@ -439,17 +439,26 @@ def test_tiny_benchmark_run_with_buffer_methods(
     bench = _benchmark_module(monkeypatch)
     out, plots, raw = tmp_path / "r.md", tmp_path / "plots", tmp_path / "raw.json"
     argv = ["--tiny", "--workers", "0", "--scenarios", "domain", "--buffers", "SMALL"]
-    argv += ["--methods", "LID buffer SMALL", "A-GEM buffer SMALL"]
+    argv += ["--methods", "LID buffer SMALL", "A-GEM buffer SMALL", "LID+look-ahead buffer SMALL"]
     argv += ["--out", str(out), "--plots", str(plots), "--raw", str(raw)]
     assert bench.main(argv) == 0
     results = json.loads(raw.read_text(encoding="utf-8"))["results"]
-    assert {r["method"] for r in results} == {"LID buffer SMALL", "A-GEM buffer SMALL"}
+    assert {r["method"] for r in results} == {
+        "LID buffer SMALL",
+        "A-GEM buffer SMALL",
+        "LID+look-ahead buffer SMALL",
+    }
+    ahead = next(r for r in results if r["method"] == "LID+look-ahead buffer SMALL")
+    frozen = [stage["n_frozen"] for stage in ahead["stages"]]
+    assert all(f > 0 for f in frozen[:-1]) and frozen[-1] == 0  # q 0.825 before each task
     lid = next(r for r in results if r["method"] == "LID buffer SMALL")
     assert lid["buffer"]["size"] == "SMALL" and lid["buffer"]["rounds"]
     assert all(0.0 <= v <= 1.0 for v in lid["certified"][-1])
     assert not math.isnan(lid["matrix"][-1][0])
     text = out.read_text(encoding="utf-8")
     assert "| LID buffer SMALL |" in text and "| A-GEM buffer SMALL |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| LID+look-ahead buffer"))
+    assert row.endswith("| 0.75 (0.65) |")  # beside the paper's SMALL Domain-IL cell
 
 
 def test_the_paper_data_protocol_reaches_the_replay_learner() -> None:
