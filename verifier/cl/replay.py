@@ -476,6 +476,11 @@ def run_replay_sequence(
     def fit(lid: RecomputedLid) -> RecomputedLid:
         return fit_to_views(model, lid, views, config, fit_cache)
 
+    def before(i: int) -> RecomputedLid:
+        """The LID task i trains in: recomputed on tasks 0..i-1's buffers in use, fitted."""
+        constraints = [state.constraint(j) for j in range(i)]
+        return fit(recompute_lid(model, constraints, config, generator, next_task=tasks[i]))
+
     def finish_task(t: int) -> None:
         rows.append(accuracy_row(model, tasks))
         state.cleans.append(_accuracy(model, views[t], config.n_optimisation))
@@ -527,15 +532,7 @@ def run_replay_sequence(
         active = _active_classes(config, tasks, i)
         data = state.training_data(tasks[i], active)
         started = time.perf_counter()
-        lid = fit(
-            recompute_lid(
-                model,
-                [state.constraint(j) for j in range(i)],
-                config,
-                generator,
-                next_task=tasks[i],
-            )
-        )
+        lid = before(i)
         record_stage(i - 1, lid)
         previous: float | None = None
         for r in range(config.buffer.repeats + 1):
@@ -543,15 +540,7 @@ def run_replay_sequence(
                 started = time.perf_counter()
                 for j in range(i):
                     state.grown[j] += 1
-                lid = fit(
-                    recompute_lid(
-                        model,
-                        [state.constraint(j) for j in range(i)],
-                        config,
-                        generator,
-                        next_task=tasks[i],
-                    )
-                )
+                lid = before(i)
             sizes = tuple(int(state.in_use(j).numel()) for j in range(i))
             buffer = state.buffer_data(i, active)
             train_replay(
