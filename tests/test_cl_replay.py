@@ -24,6 +24,7 @@ from verifier.cl.network import LinearHead, SplitMnistCNN, network_graph
 from verifier.cl.replay import (
     Constraint,
     ReplayConfig,
+    ReplayRun,
     fit_to_views,
     loosen_targets,
     recompute_lid,
@@ -285,17 +286,21 @@ def _config(**changes: Any) -> ReplayConfig:
     return ReplayConfig(search=search, buffer=TINY_BUFFER, beta=0.01, **changes)
 
 
+def _replay(
+    tasks: list[SplitTask], config: ReplayConfig, scenario: Scenario, epochs: int = 1
+) -> ReplayRun:
+    """The replay protocol on a fresh 8-feature linear head (seeded as every test here)."""
+    head = LinearHead(8, torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    return run_replay_sequence(
+        head, tasks, TrainConfig(epochs=epochs), config, generator, scenario=scenario
+    )
+
+
 def test_certificates_use_only_held_out_samples_and_buffers_only_training_samples() -> None:
     tasks = _feature_tasks("domain")
     config = _config(search_data="test", certification_fraction=0.5, split_seed=7)
-    run = run_replay_sequence(
-        LinearHead(8, torch.Generator().manual_seed(0)),
-        tasks,
-        TrainConfig(epochs=2),
-        config,
-        torch.Generator().manual_seed(1),
-        scenario="domain",
-    )
+    run = _replay(tasks, config, "domain", epochs=2)
     n = len(tasks)
     assert run.matrix.shape == run.certified.shape == (n, n)
     assert len(run.stages) == n
@@ -323,14 +328,7 @@ def test_certificates_use_only_held_out_samples_and_buffers_only_training_sample
 def test_repeat_rule_stops_at_the_limit_and_the_loosening_rule_loosens_the_closest() -> None:
     tasks = _feature_tasks("task")
     config = _config(repeat_target=1.0, min_gain=1.0)  # never reached; every repeat loosens
-    run = run_replay_sequence(
-        LinearHead(8, torch.Generator().manual_seed(0)),
-        tasks,
-        TrainConfig(epochs=1),
-        config,
-        torch.Generator().manual_seed(1),
-        scenario="task",
-    )
+    run = _replay(tasks, config, "task")
     checked = 0
     for i in (1, 2):
         rounds = [r for r in run.rounds if r.task == i]
@@ -352,14 +350,7 @@ def test_repeat_rule_stops_at_the_limit_and_the_loosening_rule_loosens_the_close
         assert rounds[-1].loosened is None  # no repeat follows the last one
         assert rounds[1].buffer_sizes[-1] > rounds[0].buffer_sizes[-1]  # more chunks
     assert checked >= 1
-    easy = run_replay_sequence(
-        LinearHead(8, torch.Generator().manual_seed(0)),
-        tasks,
-        TrainConfig(epochs=1),
-        _config(repeat_target=0.0),
-        torch.Generator().manual_seed(1),
-        scenario="task",
-    )
+    easy = _replay(tasks, _config(repeat_target=0.0), "task")
     assert [r.round for r in easy.rounds] == [0, 0]  # met at once: no repeat
 
 
@@ -402,14 +393,7 @@ def test_look_ahead_freezes_the_entries_least_important_for_the_task_trained_nex
         model, constraints, LidConfig(search=SEARCH, lookahead=0.5), torch.Generator()
     )
     assert plain.n_frozen == 0
-    run = run_replay_sequence(
-        LinearHead(8, torch.Generator().manual_seed(0)),
-        tasks,
-        TrainConfig(epochs=1),
-        _config(lookahead=0.5),
-        torch.Generator().manual_seed(1),
-        scenario="class",
-    )
+    run = _replay(tasks, _config(lookahead=0.5), "class")
     assert [s.n_frozen > 0 for s in run.stages] == [True, True, False]  # the last: no next
     for stage in run.stages:  # every stage certified on its tasks' held-out samples
         for j, cert in stage.certificates.items():
@@ -471,14 +455,7 @@ def test_the_paper_data_protocol_reaches_the_replay_learner() -> None:
         _feature_tasks("domain", n_train=40), 0.25, torch.Generator().manual_seed(3)
     )
     config = _config(search_data="validation", n_certify=50, split_seed=5)
-    run = run_replay_sequence(
-        LinearHead(8, torch.Generator().manual_seed(0)),
-        tasks,
-        TrainConfig(epochs=2),
-        config,
-        torch.Generator().manual_seed(1),
-        scenario="domain",
-    )
+    run = _replay(tasks, config, "domain", epochs=2)
     for j, task in enumerate(tasks):
         x_cert, _ = run.held_out[j]
         assert torch.equal(x_cert, validation_view(task, 50, 5).x_test)
