@@ -96,12 +96,22 @@ def add_buffers_argument(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--buffer-lookahead",
-        type=float,
+        type=_fraction,
         default=LOOKAHEAD_Q,
         metavar="Q",
         help=f"q of the '{LOOKAHEAD_BUFFER}SIZE' methods: each recomputed LID freezes the q of "
         f"its entries least important (Fisher) for the task trained in it (default {LOOKAHEAD_Q})",
     )
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got '{text}'") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1); got '{text}'")
+    return value
 
 
 def _fit_z(text: str) -> float | None:

@@ -405,6 +405,9 @@ def test_replay_config_of_keeps_the_lid_settings() -> None:
     config = ReplayConfig.of(lid, LARGE, active_classes=True)
     assert config.buffer is LARGE and config.lookahead == 0.5 and config.active_classes
     assert ReplayConfig.of(lid, LARGE, lookahead=0.0).lookahead == 0.0
+    for bad in (-0.1, 1.0, math.nan):  # a fraction of the entries, the whole box never
+        with pytest.raises(ValueError, match="lookahead"):
+            ReplayConfig.of(lid, LARGE, lookahead=bad)
     assert (config.boxed, config.search_data, config.tolerance) == ("all", "test", 0.1)
     assert config.search is SEARCH and isinstance(config, LidConfig)
 
@@ -443,6 +446,17 @@ def test_tiny_benchmark_run_with_buffer_methods(
     assert "| LID buffer SMALL |" in text and "| A-GEM buffer SMALL |" in text
     row = next(line for line in text.splitlines() if line.startswith("| LID+look-ahead buffer"))
     assert row.endswith("| 0.75 (0.65) |")  # beside the paper's SMALL Domain-IL cell
+
+
+@pytest.mark.parametrize("q", ["1.5", "-0.1", "nan", "half"])
+def test_a_bad_look_ahead_fraction_is_one_line_and_exit_2(
+    q: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bench = _benchmark_module(monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--tiny", "--methods", "LID+look-ahead buffer SMALL", "--buffer-lookahead", q])
+    assert exit_info.value.code == 2
+    assert f"--buffer-lookahead: expected a number in [0, 1); got '{q}'" in capsys.readouterr().err
 
 
 def test_the_paper_data_protocol_reaches_the_replay_learner() -> None:

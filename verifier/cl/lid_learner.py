@@ -167,7 +167,10 @@ class LidConfig:
     ladder: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        """Check the ladder (ValueError naming the problem) and keep it as a tuple."""
+        """Check the look-ahead fraction and the ladder (ValueError naming the problem) and
+        keep the ladder as a tuple."""
+        if not 0.0 <= self.lookahead < 1.0:
+            raise ValueError(f"lookahead must be in [0, 1) (a fraction); got {self.lookahead}")
         object.__setattr__(self, "ladder", checked_ladder(self.ladder))
 
 
