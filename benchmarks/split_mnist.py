@@ -685,6 +685,21 @@ def _data_notes(settings: Settings) -> tuple[str, str]:
     )
 
 
+def _lookahead_buffer_note(settings: Settings) -> str:
+    """The deviation of the `LID+look-ahead buffer` rows, in words ("" when none runs)."""
+    ahead = {
+        m: c for m, c in settings.lid_variants.items() if m.startswith(cl_report.LOOKAHEAD_BUFFER)
+    }
+    if not ahead:
+        return ""
+    qs = ", ".join(sorted({f"{c.lookahead:g}" for c in ahead.values()}))
+    return (
+        f" (the `{'` / `'.join(ahead)}` rows add look-ahead of ours to the paper's buffer "
+        f"protocol: every recomputed LID freezes the q = {qs} of its entries least important "
+        "(Fisher) for the task trained in it; frozen fraction in the details table)"
+    )
+
+
 def markdown(
     results: list[dict[str, Any]], settings: Settings, wall_s: float, workers: int, cpu_s: float
 ) -> str:
@@ -695,9 +710,8 @@ def markdown(
 
     def paper(method: str, scenario: str, measured: bool) -> str:
         """A measured LID variant stands beside the paper's LID row."""
-        measured = (
-            measured and cl_report.paper_buffer_row(method) not in PAPER_BUFFERS
-        )  # they have their own
+        # the buffer rows stand beside the paper's buffer cells
+        measured = measured and cl_report.paper_buffer_row(method) not in PAPER_BUFFERS
         return _paper("LID" if measured and method in settings.lid_variants else method, scenario)
 
     seeds = sorted({r["seed"] for r in results})
@@ -738,6 +752,7 @@ def markdown(
             if any(m in settings.lid_variants for m in ALL_LAYER)
             else ""
         )
+        + _lookahead_buffer_note(settings)
         + f"; τ = accuracy on {tau_data} - 0.12; search η_p = "
         f"{_lid_of(settings).search.lr:g}, target τ + {_lid_of(settings).search.target_slack}. "
         "`LID` / `LID+look-ahead` train Class-IL tasks with the loss over the classes seen so "

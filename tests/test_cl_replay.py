@@ -446,6 +446,7 @@ def test_tiny_benchmark_run_with_buffer_methods(
     assert "| LID buffer SMALL |" in text and "| A-GEM buffer SMALL |" in text
     row = next(line for line in text.splitlines() if line.startswith("| LID+look-ahead buffer"))
     assert row.endswith("| 0.75 (0.65) |")  # beside the paper's SMALL Domain-IL cell
+    assert "rows add look-ahead of ours to the paper's buffer protocol" in text  # named
 
 
 @pytest.mark.parametrize("q", ["1.5", "-0.1", "nan", "half"])
